@@ -1,0 +1,104 @@
+"""Command line: the docopt usage text is the single source of flags and defaults.
+
+Go-style flags (``-forward :8001``, ``-listen=:8002``), as users of the original
+Go tool type them, are rewritten to docopt's ``--forward`` form first.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+from docopt import DocoptExit, docopt
+
+from fooproxy import __version__
+from fooproxy.config import Config, ConfigError
+
+USAGE = """\
+fooproxy: a proxy for the Foo protocol that counts what passes through it.
+
+Usage:
+  fooproxy [options]
+  fooproxy -h | --help
+  fooproxy --version
+
+Options:
+  -h --help                  Show this help and exit.
+  --version                  Show the version and exit.
+  --listen ADDR              Accept clients on ADDR (:port, host:port, [v6]:port) [default: :8002].
+  --forward ADDR             Forward to the Foo server at ADDR [default: :8001].
+  --http ADDR                Serve /health, /stats and /metrics on ADDR; "off" disables
+                             [default: 127.0.0.1:8088].
+  --recovery-path PATH       Save stats here every second and restore them at start; "off"
+                             disables [default: .data/recovery.json].
+  --workers N                Worker processes sharing the listen port; "auto" = one per
+                             core [default: 1].
+  --pool-size N              Keep up to N upstream connections and reuse clean ones;
+                             0 = one upstream connection per client [default: 0].
+  --pool-wait SECONDS        With a pool, how long a new client may wait for an upstream
+                             connection [default: 5].
+  --pool-idle SECONDS        Close pooled connections idle this long [default: 60].
+  --max-conns N              Clients served at once; more wait in the accept backlog
+                             [default: 10000].
+  --connect-timeout SECONDS  Upstream connect timeout [default: 5].
+  --idle-timeout SECONDS     Close a session with no bytes either way for this long;
+                             0 disables [default: 300].
+  --linger SECONDS           After a client's EOF, wait this long at most for the answers
+                             it is owed before closing the upstream [default: 5].
+  --grace SECONDS            On SIGTERM/SIGINT, let open sessions finish for this long
+                             [default: 10].
+  --health-interval SECONDS  How often /health checks that the upstream accepts
+                             connections [default: 2].
+  --log-level LEVEL          debug, info, warning or error [default: info].
+  --worker-id N              (internal) run as worker N of a master process.
+
+Signals: SIGUSR2 prints the stats as one JSON line on stdout; SIGTERM/SIGINT
+drain and exit (a second one exits at once).
+"""
+
+_FLAG_RE = re.compile(r"^-([a-z][a-z0-9-]+)(=.*)?$")
+
+
+def normalise(argv: list[str]) -> list[str]:
+    """Rewrite Go-style ``-flag`` / ``-flag=v`` to ``--flag`` / ``--flag=v``."""
+    out = []
+    for arg in argv:
+        m = _FLAG_RE.match(arg)
+        out.append("--" + arg[1:] if m and arg != "-h" else arg)
+    return out
+
+
+def _flag_named(message: str, argv: list[str]) -> str:
+    for arg in argv:
+        if arg.startswith("-") and arg != "-h":
+            name = arg.split("=", 1)[0]
+            if not re.search(r"^  (-h )?%s[ =]" % re.escape("--" + name.lstrip("-")), USAGE, re.M):
+                return "unknown flag %s" % name
+    return message.strip().splitlines()[0] if message.strip() else "bad usage"
+
+
+def parse(argv: list[str]) -> Config:
+    """Parse argv (without the program name) into a Config, or exit 2 with one line.
+
+    ``-h`` and ``--version`` print and exit 0.
+    """
+    args = normalise(argv)
+    try:
+        opts = docopt(USAGE, argv=args, default_help=False, version=None)
+    except DocoptExit as exc:
+        _fail(_flag_named(str(exc), argv))
+    if opts["--help"]:
+        sys.stdout.write(USAGE)
+        raise SystemExit(0)
+    if opts["--version"]:
+        print("fooproxy %s" % __version__)
+        raise SystemExit(0)
+    try:
+        return Config.from_options(opts)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _fail(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    sys.stderr.write("fooproxy: %s (see fooproxy -h)\n" % message)
+    raise SystemExit(2)

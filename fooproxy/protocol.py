@@ -1,0 +1,154 @@
+"""The Foo message grammar, in one place.
+
+``parse_line`` decodes one line the way the reference server does (strict:
+single spaces, two or three fields, Seq a signed 64-bit integer, a trailing
+``\\r`` stripped). ``MessageCounter`` counts whole messages in a byte stream of
+any segmentation, per chunk, with C-level scanning (``bytes.find`` and one
+regular expression) instead of a Python loop per message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+REQ, ACK, NAK = b"REQ", b"ACK", b"NAK"
+TYPES = (REQ, ACK, NAK)
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+#: The reference server stops handling a connection on a longer line (newline included).
+MAX_LINE = 65536
+
+# A whole valid message line, newline included. Seq is limited to 18
+# significant digits here, which always fits in int64; the rare longer ones go
+# through ``_BIG_SEQ_RE`` and an exact check. Data: one or more bytes with no
+# whitespace. The only capture is the type, so ``findall`` yields one small
+# bytes object per valid message and nothing else.
+_LINE_RE = re.compile(rb"^(REQ|ACK|NAK) [+-]?0*[0-9]{1,18}(?: [^\s]+)?\r?\n", re.M)
+_BIG_SEQ_RE = re.compile(rb"^(?:REQ|ACK|NAK) [+-]?0*[1-9][0-9]{18}", re.M)
+_FULL_RE = re.compile(rb"(REQ|ACK|NAK) ([+-]?[0-9]+)(?: ([^\s]+))?")
+
+
+class Message(NamedTuple):
+    """A decoded Foo message: type (``b"REQ"``...), Seq, Data (``b""`` if none)."""
+
+    type: bytes
+    seq: int
+    data: bytes
+
+
+def parse_line(line: bytes) -> Message | None:
+    """Decode one line (with or without its ``\\n``); ``None`` if it is not a Foo message."""
+    if line.endswith(b"\n"):
+        line = line[:-1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    m = _FULL_RE.fullmatch(line)
+    if m is None:
+        return None
+    seq = int(m.group(2))
+    if not INT64_MIN <= seq <= INT64_MAX:
+        return None
+    return Message(m.group(1), seq, m.group(3) or b"")
+
+
+class Counts(NamedTuple):
+    """Complete lines finished by one chunk, by kind."""
+
+    req: int = 0
+    ack: int = 0
+    nak: int = 0
+    invalid: int = 0
+
+    @property
+    def lines(self) -> int:
+        return self.req + self.ack + self.nak + self.invalid
+
+
+ZERO = Counts()
+
+
+def _classify(line: bytes) -> Counts:
+    msg = parse_line(line)
+    if msg is None:
+        return Counts(invalid=1)
+    return _ONE[msg.type]
+
+
+_ONE = {REQ: Counts(req=1), ACK: Counts(ack=1), NAK: Counts(nak=1)}
+
+
+def count_lines(buf: bytes | bytearray, start: int, end: int) -> Counts:
+    """Count the complete lines in ``buf[start:end]`` (which must end with ``\\n``).
+
+    ``start`` must be 0 or just after a ``\\n``.
+    """
+    types = _LINE_RE.findall(buf, start, end)
+    req, ack, nak = types.count(REQ), types.count(ACK), types.count(NAK)
+    lines = buf.count(b"\n", start, end)
+    # Lines with a 19-digit Seq were rejected above; decide them exactly.
+    if _BIG_SEQ_RE.search(buf, start, end) is not None:
+        for m in _BIG_SEQ_RE.finditer(buf, start, end):
+            eol = buf.find(b"\n", m.start(), end)
+            c = _classify(bytes(buf[m.start() : eol]))
+            req, ack, nak = req + c.req, ack + c.ack, nak + c.nak
+    return Counts(req, ack, nak, lines - req - ack - nak)
+
+
+class MessageCounter:
+    """Incremental per-direction line counter for a stream of arbitrary chunks.
+
+    Keeps only the start of an unfinished line, capped at ``MAX_LINE`` bytes: a
+    longer line is remembered as oversized (and counted invalid when its
+    newline passes), so memory stays bounded however long a line is.
+    """
+
+    __slots__ = ("_partial", "_oversized")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._oversized = False
+
+    @property
+    def pending(self) -> bool:
+        """True while an unfinished line is open (no newline seen yet)."""
+        return bool(self._partial) or self._oversized
+
+    def feed(self, chunk: bytes) -> Counts:
+        """Account for ``chunk``; return the lines it completed."""
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            if chunk:
+                self._extend(chunk)
+            return ZERO
+        start = 0
+        first = None
+        if self._partial or self._oversized:
+            cut = chunk.find(b"\n") + 1
+            if self._oversized or len(self._partial) + cut > MAX_LINE:
+                first = Counts(invalid=1)
+            else:
+                first = _classify(self._partial + chunk[:cut])
+            self._partial = b""
+            self._oversized = False
+            start = cut
+        counts = count_lines(chunk, start, last + 1) if start <= last else ZERO
+        if last + 1 < len(chunk):
+            self._extend(chunk[last + 1 :])
+        if first is not None:
+            counts = Counts(
+                counts.req + first.req,
+                counts.ack + first.ack,
+                counts.nak + first.nak,
+                counts.invalid + first.invalid,
+            )
+        return counts
+
+    def _extend(self, piece: bytes) -> None:
+        if self._oversized:
+            return
+        if len(self._partial) + len(piece) > MAX_LINE:
+            self._partial = b""
+            self._oversized = True
+        else:
+            self._partial += piece

@@ -1,0 +1,167 @@
+"""Stats: message totals, connection and byte counters, and moving-window rates.
+
+All counters of one process live in one flat block of int64 cells (a
+``bytearray`` by default, or a worker's slot of a shared ``mmap``): the totals
+first, then a ``TimeTable`` ring. One writer per block; readers in the same or
+another process sum blocks with ``Snapshot.from_blocks``. A ``Snapshot`` is a
+plain value: it sums with ``+``, turns into the SIGUSR2/``/stats`` JSON with
+``as_dict()``, and carries its window buckets for the recovery file.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from fooproxy import timetable
+from fooproxy.protocol import Counts
+from fooproxy.timetable import Clock, TimeTable
+
+#: Counter cells, in block order. Append only: the order is the shared layout.
+COUNTERS = (
+    "msg_req",
+    "msg_ack",
+    "msg_nak",
+    "msg_invalid",
+    "connections_active",
+    "connections_total",
+    "bytes_client_to_server",
+    "bytes_server_to_client",
+    "upstream_errors",
+    "pool_idle",
+    "pool_open",
+    "heartbeat_ns",
+)
+_IDX = {name: i for i, name in enumerate(COUNTERS)}
+# Counters that describe the present, not a history: never restored from a file.
+GAUGES = frozenset({"connections_active", "pool_idle", "pool_open", "heartbeat_ns"})
+_HEADER = 16  # cells reserved for counters (room to grow without a layout change)
+BLOCK_CELLS = _HEADER + timetable.CELLS
+BLOCK_BYTES = BLOCK_CELLS * 8
+
+(_REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR) = range(9)
+
+
+def new_block() -> memoryview:
+    """A zeroed private block of int64 cells."""
+    return memoryview(bytearray(BLOCK_BYTES)).cast("q")
+
+
+class Stats:
+    """The single writer of one counter block. Hot-path methods are O(1)."""
+
+    def __init__(self, block: memoryview | None = None, clock: Clock = time.monotonic) -> None:
+        self.block = new_block() if block is None else block
+        self.clock = clock
+        self.started = clock()
+        self.table = TimeTable(self.block[_HEADER:], clock)
+
+    # -- hot path ---------------------------------------------------------
+    def record(self, to_server: bool, nbytes: int, counts: Counts) -> None:
+        """Account one forwarded chunk and the lines it completed."""
+        c = self.block
+        c[_B_C2S if to_server else _B_S2C] += nbytes
+        req, ack, nak, inv = counts
+        if req or ack or nak or inv:
+            c[_REQ] += req
+            c[_ACK] += ack
+            c[_NAK] += nak
+            c[_INV] += inv
+            if req or ack or nak:
+                self.table.add(req, ack + nak)
+
+    def connection_opened(self) -> None:
+        self.block[_ACTIVE] += 1
+        self.block[_TOTAL] += 1
+
+    def connection_closed(self) -> None:
+        self.block[_ACTIVE] -= 1
+
+    def upstream_error(self) -> None:
+        self.block[_UPERR] += 1
+
+    def set(self, name: str, value: int) -> None:
+        self.block[_IDX[name]] = value
+
+    def add(self, name: str, value: int = 1) -> None:
+        self.block[_IDX[name]] += value
+
+    def get(self, name: str) -> int:
+        return self.block[_IDX[name]]
+
+    # -- reading ----------------------------------------------------------
+    def snapshot(self) -> "Snapshot":
+        """Totals and window counts as of now."""
+        return Snapshot.from_blocks([self.block], self.clock(), self.started)
+
+    def restore(self, snap: "Snapshot", now: float | None = None) -> None:
+        """Add a saved snapshot's history (totals, live buckets) to this block."""
+        for name, value in snap.totals.items():
+            if name in _IDX and name not in GAUGES:
+                self.block[_IDX[name]] += int(value)
+        self.table.restore(snap.buckets, now)
+
+
+@dataclass
+class Snapshot:
+    """A point-in-time reading of one or more counter blocks."""
+
+    totals: dict[str, int]
+    #: (req_1s, req_10s, resp_1s, resp_10s): events inside each window.
+    windows: tuple[int, int, int, int] = (0, 0, 0, 0)
+    uptime_s: float = 0.0
+    #: Live window buckets as (age_in_buckets, requests, responses).
+    buckets: list[tuple[int, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> "Snapshot":
+        blocks = list(blocks)
+        totals = {name: sum(b[i] for b in blocks) for i, name in enumerate(COUNTERS)}
+        tables = [b[_HEADER:] for b in blocks]
+        merged: dict[int, list[int]] = {}
+        for cells in tables:
+            for age, req, resp in TimeTable(cells).buckets(now):
+                slot = merged.setdefault(age, [0, 0])
+                slot[0] += req
+                slot[1] += resp
+        return cls(
+            totals=totals,
+            windows=timetable.window_counts(tables, now),
+            uptime_s=max(0.0, now - started),
+            buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
+        )
+
+    def __add__(self, other: "Snapshot") -> "Snapshot":
+        merged: dict[int, list[int]] = {}
+        for age, req, resp in [*self.buckets, *other.buckets]:
+            slot = merged.setdefault(age, [0, 0])
+            slot[0] += req
+            slot[1] += resp
+        return Snapshot(
+            totals={k: self.totals.get(k, 0) + other.totals.get(k, 0) for k in {*self.totals, *other.totals}},
+            windows=tuple(a + b for a, b in zip(self.windows, other.windows)),  # type: ignore[arg-type]
+            uptime_s=max(self.uptime_s, other.uptime_s),
+            buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
+        )
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The stats JSON object: the eight contract fields first, then extras."""
+        t = self.totals
+        req, ack, nak = t.get("msg_req", 0), t.get("msg_ack", 0), t.get("msg_nak", 0)
+        r1, r10, s1, s10 = self.windows
+        out: dict[str, int | float] = {
+            "msg_total": req + ack + nak,
+            "msg_req": req,
+            "msg_ack": ack,
+            "msg_nak": nak,
+            "request_rate_1s": round(r1 / timetable.WINDOWS[0], 3),
+            "request_rate_10s": round(r10 / timetable.WINDOWS[1], 3),
+            "response_rate_1s": round(s1 / timetable.WINDOWS[0], 3),
+            "response_rate_10s": round(s10 / timetable.WINDOWS[1], 3),
+        }
+        for name in COUNTERS[3:]:
+            if name != "heartbeat_ns":
+                out[name] = t.get(name, 0)
+        out["uptime_s"] = round(self.uptime_s, 3)
+        return out

@@ -1,0 +1,33 @@
+"""Packaging for fooproxy: the proxy, its harness peers and test driver."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fooproxy",
+    version="0.1.0",
+    description="A statistics-gathering proxy for the Foo protocol, on gevent",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fooproxy", "fooproxy.*", "harness", "harness.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "gevent>=24.10.1,<27",
+        "docopt-ng>=0.9,<1",
+        "prometheus_client>=0.14,<1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "hypothesis>=6.100,<7",
+            "locust>=2.20,<3",
+            "ruff>=0.5,<1",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "fooproxy = fooproxy.__main__:main",
+            "foo-server = harness.server:main",
+            "foo-client = harness.client:main",
+            "foo-harness = harness.cli:main",
+        ],
+    },
+)
