@@ -1,0 +1,229 @@
+"""DataBus: one client session, two pumps between the client and its upstream.
+
+Each pump reads a chunk, writes it on whole, then counts the lines it
+finished (so counts describe delivered bytes). Nothing waits for a whole line.
+
+Endings (the reference server never closes its side, so none of them waits
+for the server's EOF):
+
+* client EOF: the upstream's write side is shut (or, for a pooled connection,
+  left open), then the session ends as soon as every line the client sent has
+  had its answer delivered, or after ``linger`` seconds at most;
+* upstream EOF: the client gets every byte already read, then EOF, and the
+  session ends;
+* an error or an idle timeout on either side: both sockets are shut down,
+  which wakes the other pump, and the session ends.
+
+Only ``run()`` closes nothing: the caller owns both sockets and closes them
+after ``run()`` returns (closing a socket another greenlet waits on gives
+EBADF, gevent #800).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket as _stdsocket
+import time
+
+import gevent
+from gevent.event import Event
+from gevent.socket import socket
+
+from fooproxy.protocol import MessageCounter
+from fooproxy.stats import Stats
+
+log = logging.getLogger("fooproxy.databus")
+
+BUFSIZE = 65536
+#: Errors that mean "the peer went away": logged at debug, not as failures.
+PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED, errno.ESHUTDOWN})
+_SHUT_RD, _SHUT_WR, _SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
+
+# How a session ended, as logged and as returned by run().
+CLIENT_CLOSED = "client closed"
+UPSTREAM_CLOSED = "upstream closed"
+IDLE = "idle timeout"
+LINGER = "client closed, answers still owed after linger"
+
+
+def _shutdown(sock: socket, how: int) -> None:
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed or never connected: nothing left to wake
+
+
+class DataBus:
+    """Moves bytes both ways between ``client`` and ``upstream`` and counts them.
+
+    ``keep_upstream``: on client EOF leave the upstream open so that a pool can
+    reuse it; ``clean`` then says whether it may be reused.
+    """
+
+    def __init__(
+        self,
+        client: socket,
+        upstream: socket,
+        stats: Stats,
+        *,
+        linger: float = 5.0,
+        idle_timeout: float = 0.0,
+        keep_upstream: bool = False,
+    ) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.stats = stats
+        self.linger = linger
+        self.idle_timeout = idle_timeout
+        self.keep_upstream = keep_upstream
+        self.c2s = MessageCounter()
+        self.s2c = MessageCounter()
+        self.bytes_c2s = self.bytes_s2c = 0
+        self.lines_c2s = self.lines_s2c = 0
+        self.client_eof = False
+        self.upstream_eof = False
+        self.ending: str | None = None
+        self.last_active = time.monotonic()
+        self._answered = Event()
+
+    # -- public -------------------------------------------------------------
+    @property
+    def owed(self) -> int:
+        """Answers the server still owes: lines sent minus lines delivered back."""
+        return self.lines_c2s - self.lines_s2c
+
+    @property
+    def clean(self) -> bool:
+        """True when the upstream carries no unfinished exchange and may be reused."""
+        return (
+            self.ending == CLIENT_CLOSED
+            and not self.upstream_eof
+            and self.owed <= 0
+            and not self.c2s.pending
+            and not self.s2c.pending
+        )
+
+    def run(self) -> str:
+        """Pump until the session ends; return how it ended."""
+        timeout = self.idle_timeout or None
+        self.client.settimeout(timeout)
+        self.upstream.settimeout(timeout)
+        back = gevent.spawn(self._pump_s2c)
+        try:
+            self._pump_c2s()
+            if self.keep_upstream and not back.dead:
+                # The answers owed have arrived (or the linger ran out): the
+                # pump would otherwise sit in recv on a connection we keep.
+                back.kill()
+            else:
+                back.join()
+        finally:
+            if not back.dead:
+                back.kill()  # we were killed ourselves (drain): take the child along
+        return self.ending or CLIENT_CLOSED
+
+    # -- pumps --------------------------------------------------------------
+    def _pump_c2s(self) -> None:
+        client, upstream, stats = self.client, self.upstream, self.stats
+        recv, send, feed, record = client.recv, upstream.sendall, self.c2s.feed, stats.record
+        try:
+            while True:
+                try:
+                    data = recv(BUFSIZE)
+                except _stdsocket.timeout:
+                    if self._still_idle(client):
+                        return
+                    continue
+                if not data:
+                    break
+                send(data)
+                counts = feed(data)
+                record(True, len(data), counts)
+                self.bytes_c2s += len(data)
+                self.lines_c2s += counts.lines
+                self.last_active = time.monotonic()
+        except OSError as exc:
+            self._fail("client->server", exc)
+            return
+        if self.ending is not None:
+            return  # woken by the other side's ending
+        self.client_eof = True
+        if self.upstream_eof:
+            self._end(UPSTREAM_CLOSED)
+            return
+        if not self.keep_upstream:
+            _shutdown(upstream, _SHUT_WR)  # pass the half-close on
+        if self.owed > 0 or self.s2c.pending:
+            self._answered.wait(self.linger)
+        if self.ending is None:
+            answered = self.owed <= 0 and not self.s2c.pending
+            self._end(CLIENT_CLOSED if answered else LINGER)
+        if not self.keep_upstream or self.ending != CLIENT_CLOSED:
+            # Wake the other pump: the reference server never sends EOF.
+            _shutdown(upstream, _SHUT_RDWR)
+
+    def _pump_s2c(self) -> None:
+        client, upstream, stats = self.client, self.upstream, self.stats
+        recv, send, feed, record = upstream.recv, client.sendall, self.s2c.feed, stats.record
+        answered = self._answered
+        try:
+            while True:
+                try:
+                    data = recv(BUFSIZE)
+                except _stdsocket.timeout:
+                    if self._still_idle(upstream):
+                        return
+                    continue
+                if not data:
+                    break
+                send(data)
+                counts = feed(data)
+                record(False, len(data), counts)
+                self.bytes_s2c += len(data)
+                self.lines_s2c += counts.lines
+                self.last_active = time.monotonic()
+                if self.client_eof and self.lines_s2c >= self.lines_c2s and not self.s2c.pending:
+                    answered.set()
+        except OSError as exc:
+            self._fail("server->client", exc)
+            return
+        if self.ending is None:
+            # The server really closed: deliver EOF, then end the whole session.
+            self.upstream_eof = True
+            self._end(UPSTREAM_CLOSED)
+            _shutdown(client, _SHUT_RDWR)
+        elif not (self.keep_upstream and self.ending == CLIENT_CLOSED):
+            _shutdown(client, _SHUT_WR)
+        answered.set()
+
+    # -- endings ------------------------------------------------------------
+    def _end(self, how: str) -> None:
+        if self.ending is None:
+            self.ending = how
+
+    def _fail(self, direction: str, exc: OSError) -> None:
+        if self.ending is None:
+            if exc.errno in PEER_GONE:
+                self.ending = "%s: %s" % (direction, errno.errorcode.get(exc.errno, exc.errno))
+                log.debug("%s: %s", direction, exc)
+            else:
+                self.ending = "error %s: %s" % (direction, exc)
+        self._abort()
+
+    def _still_idle(self, sock: socket) -> bool:
+        """After a recv timeout: end the session if neither side moved for the whole period."""
+        quiet = time.monotonic() - self.last_active
+        if self.ending is not None:
+            return True
+        if quiet >= self.idle_timeout:
+            self._end(IDLE)
+            self._abort()
+            return True
+        sock.settimeout(self.idle_timeout - quiet)  # wait out exactly the rest
+        return False
+
+    def _abort(self) -> None:
+        _shutdown(self.client, _SHUT_RDWR)
+        _shutdown(self.upstream, _SHUT_RDWR)
+        self._answered.set()

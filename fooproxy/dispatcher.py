@@ -1,0 +1,141 @@
+"""Dispatcher: wires the proxy, stats, HTTP, recovery and signals from a Config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from typing import Callable
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from fooproxy.config import Config
+from fooproxy.listeners import bind
+from fooproxy.proxy import Proxy
+from fooproxy.stats import Snapshot, Stats
+from fooproxy.upstream import Connector
+
+log = logging.getLogger("fooproxy")
+
+
+class StatsPrinter:
+    """Writes one JSON line of stats to stdout per call, in order, off the hub.
+
+    The write runs in the threadpool: a reader that stops reading our stdout
+    pipe must not freeze the proxy. The lock keeps lines whole and in order.
+    """
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot], stream=None) -> None:
+        self.get_snapshot = get_snapshot
+        self.stream = stream or sys.stdout
+        self._lock = Semaphore()
+
+    def __call__(self, *_signal_args) -> None:
+        with self._lock:
+            line = json.dumps(self.get_snapshot().as_dict()) + "\n"
+            gevent.get_hub().threadpool.apply(self._write, (line,))
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line)
+        self.stream.flush()
+
+
+class Dispatcher:
+    """Runs one proxy process until told to stop."""
+
+    def __init__(self, config: Config, stats: Stats | None = None) -> None:
+        self.config = config
+        self.stats = stats or Stats()
+        self.connector = Connector(config.forward, config.connect_timeout)
+        self.proxy: Proxy | None = None
+        self.draining = False
+        self._stopped = Event()
+        self._signals: list = []
+        self.print_stats = StatsPrinter(self.snapshot)
+
+    def snapshot(self) -> Snapshot:
+        """The stats as SIGUSR2 and /stats show them."""
+        return self.stats.snapshot()
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self) -> None:
+        """Bind and start serving; raises StartupError with a one-line reason."""
+        cfg = self.config
+        listener = bind(cfg.listen)
+        self.proxy = Proxy(listener, cfg, self.stats, self.connector)
+        self._install_signals()
+        self.proxy.start()
+        log.info(
+            "fooproxy %s listening on %s, forwarding to %s (pid %d)",
+            _version(),
+            _bound(listener),
+            cfg.forward,
+            os.getpid(),
+        )
+
+    @property
+    def address(self) -> tuple:
+        """The bound listen address (useful with port 0)."""
+        assert self.proxy is not None
+        return self.proxy.address
+
+    def run(self) -> int:
+        """Start, serve until a stop signal, drain; return the exit status."""
+        self.start()
+        try:
+            self._stopped.wait()
+        except KeyboardInterrupt:  # SIGINT can still arrive this way (gevent #298)
+            self.shutdown()
+            self._stopped.wait()
+        return 0
+
+    def request_stop(self, *_signal_args) -> None:
+        """First TERM/INT: drain in a new greenlet. Second: exit at once."""
+        if self.draining:
+            log.warning("second stop signal: exiting now")
+            sys.stderr.flush()
+            os._exit(1)
+        gevent.spawn(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Stop accepting, let sessions finish within the grace period, then stop. Idempotent."""
+        if self.draining:
+            return
+        self.draining = True
+        proxy = self.proxy
+        if proxy is not None:
+            proxy.close()  # stops accepting and closes the listener
+            open_now = len(proxy.sessions)
+            if open_now:
+                log.info("draining %d open session(s) for up to %gs", open_now, self.config.grace)
+            if not proxy.pool.join(timeout=self.config.grace):
+                log.warning("grace period over: closing %d session(s)", len(proxy.pool))
+                proxy.pool.kill(timeout=1)
+        self.connector.close()
+        for handler in self._signals:
+            handler.cancel()
+        log.info("stopped")
+        self._stopped.set()
+
+    def _install_signals(self) -> None:
+        # Installed before the server starts: SIGUSR2's default action kills.
+        self._signals = [
+            gevent.signal_handler(signal.SIGUSR2, self.print_stats),
+            gevent.signal_handler(signal.SIGTERM, self.request_stop),
+            gevent.signal_handler(signal.SIGINT, self.request_stop),
+        ]
+
+
+def _bound(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+def _version() -> str:
+    from fooproxy import __version__
+
+    return __version__

@@ -1,0 +1,93 @@
+"""Listening sockets, bound before the server starts so errors are clear."""
+
+from __future__ import annotations
+
+import errno
+import socket as _stdsocket
+
+from gevent import socket
+
+from fooproxy.config import Address
+
+
+class StartupError(RuntimeError):
+    """The proxy cannot start; the message is one line for the user."""
+
+
+def bind(address: Address, reuse_port: bool = False, backlog: int = 1024, what: str = "listen") -> socket.socket:
+    """A listening gevent socket on ``address``.
+
+    An empty host listens on all interfaces, IPv4 and IPv6 alike (as Go does),
+    so a client dialling ``localhost`` finds it whichever address that gives.
+    With ``reuse_port``, a port already held by a process that did not set
+    SO_REUSEPORT is still reported as in use, and one that did is probed
+    first, so two fooproxies never split a port by accident.
+    """
+    if reuse_port:
+        probe_free(address, what)
+    family, host = _family_host(address)
+    sock = socket.socket(family, _stdsocket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEPORT, 1)
+        if family == _stdsocket.AF_INET6 and not address.host:
+            sock.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 0)
+        sock.bind((host, address.port))
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(_describe(exc, address, what)) from None
+    return sock
+
+
+def probe_free(address: Address, what: str = "listen") -> None:
+    """Raise ``StartupError`` if something already listens on ``address``."""
+    family, host = _family_host(address)
+    if address.port == 0:
+        return
+    probe = _stdsocket.socket(family, _stdsocket.SOCK_STREAM)
+    try:
+        probe.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_REUSEADDR, 1)
+        if family == _stdsocket.AF_INET6 and not address.host:
+            probe.setsockopt(_stdsocket.IPPROTO_IPV6, _stdsocket.IPV6_V6ONLY, 0)
+        probe.bind((host, address.port))
+    except OSError as exc:
+        raise StartupError(_describe(exc, address, what)) from None
+    finally:
+        probe.close()
+
+
+def _family_host(address: Address) -> tuple[int, str]:
+    if not address.host:
+        if _stdsocket.has_ipv6 and _ipv6_works():
+            return _stdsocket.AF_INET6, "::"
+        return _stdsocket.AF_INET, "0.0.0.0"
+    if ":" in address.host:
+        return _stdsocket.AF_INET6, address.host
+    if address.host.replace(".", "").isdigit():
+        return _stdsocket.AF_INET, address.host
+    try:
+        info = _stdsocket.getaddrinfo(address.host, address.port, type=_stdsocket.SOCK_STREAM)[0]
+    except OSError as exc:
+        raise StartupError("cannot resolve %s: %s" % (address, exc)) from None
+    return info[0], info[4][0]
+
+
+def _ipv6_works() -> bool:
+    try:
+        s = _stdsocket.socket(_stdsocket.AF_INET6, _stdsocket.SOCK_STREAM)
+    except OSError:
+        return False
+    s.close()
+    return True
+
+
+def _describe(exc: OSError, address: Address, what: str) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return "cannot %s on %s: address already in use" % (what, address)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "cannot %s on %s: address not available on this machine" % (what, address)
+    if exc.errno == errno.EACCES:
+        return "cannot %s on %s: permission denied" % (what, address)
+    return "cannot %s on %s: %s" % (what, address, exc.strerror or exc)

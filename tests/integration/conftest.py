@@ -1,0 +1,158 @@
+"""In-process fixtures: a small Foo server and a Proxy, both on gevent, port 0.
+
+Clients in these tests are gevent sockets: a blocking stdlib recv in the test
+greenlet would freeze the hub the proxy runs on.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.event import Event
+from gevent.server import StreamServer
+
+from fooproxy.config import Address, Config
+from fooproxy.databus import DataBus
+from fooproxy.dispatcher import Dispatcher
+from fooproxy.stats import Stats
+
+
+class MiniServer:
+    """Answers each line ``T SEQ ...`` with ``ACK SEQ`` (``NAK 0 ERR`` otherwise).
+
+    Like the reference server it never closes after the client's EOF unless
+    ``close_on_eof``; ``split`` sends each answer in two segments; ``hold``
+    makes it read but not answer until the event is set.
+    """
+
+    def __init__(self, close_on_eof: bool = False, split: bool = False) -> None:
+        self.close_on_eof = close_on_eof
+        self.split = split
+        self.connections = 0
+        self.received = bytearray()
+        self.sockets: list = []
+        self.release = Event()
+        self.release.set()
+        self.server = StreamServer(("127.0.0.1", 0), self.handle)
+
+    def start(self) -> "MiniServer":
+        self.server.start()
+        return self
+
+    @property
+    def address(self) -> Address:
+        return Address("127.0.0.1", self.server.server_port)
+
+    def handle(self, sock, _addr) -> None:
+        self.connections += 1
+        self.sockets.append(sock)
+        buf = b""
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                break
+            self.received += data
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            self.release.wait()
+            out = []
+            for line in lines:
+                parts = line.split(b" ")
+                if len(parts) >= 2 and parts[0] in (b"REQ", b"ACK", b"NAK") and parts[1].lstrip(b"+-").isdigit():
+                    out.append(b"ACK " + parts[1] + b" ok\n")
+                else:
+                    out.append(b"NAK 0 ERR\n")
+            reply = b"".join(out)
+            try:
+                if self.split and len(reply) > 1:
+                    sock.sendall(reply[:3])
+                    gevent.sleep(0.001)
+                    sock.sendall(reply[3:])
+                elif reply:
+                    sock.sendall(reply)
+            except OSError:
+                return
+        if self.close_on_eof:
+            sock.close()
+        # else: like the reference server, keep our side open
+
+    def stop(self) -> None:
+        self.server.stop(timeout=0.5)
+        for s in self.sockets:
+            s.close()
+
+
+@pytest.fixture
+def mini_server():
+    servers = []
+
+    def make(**kw) -> MiniServer:
+        srv = MiniServer(**kw).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for srv in servers:
+        srv.stop()
+
+
+@pytest.fixture
+def proxy_for():
+    """``proxy_for(address, **config)`` starts an in-process Dispatcher on port 0."""
+    made: list[Dispatcher] = []
+
+    def make(forward: Address, **kw) -> Dispatcher:
+        kw.setdefault("http", None)
+        kw.setdefault("recovery_path", None)
+        cfg = Config(listen=Address("127.0.0.1", 0), forward=forward, **kw)
+        d = Dispatcher(cfg, Stats())
+        d.start()
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.shutdown()
+    # Nothing may outlive a test: no session, no greenlet running a pump.
+    gc.collect()
+    buses = [o for o in gc.get_objects() if isinstance(o, DataBus)]
+    live = [b for b in buses if any(not g.dead for g in _greenlets_of(b))]
+    assert not live, "DataBus sessions left running: %r" % live
+
+
+def _greenlets_of(bus):
+    import greenlet
+
+    return [o for o in gc.get_referrers(bus) if isinstance(o, greenlet.greenlet)]
+
+
+def connect(address) -> socket.socket:
+    host, port = address[0], address[1]
+    return socket.create_connection((host if host not in ("::", "0.0.0.0") else "127.0.0.1", port), timeout=5)
+
+
+def read_lines(sock, n: int, timeout: float = 5.0) -> list[bytes]:
+    """Read exactly n lines (whatever the segmentation)."""
+    buf = b""
+    sock.settimeout(timeout)
+    while buf.count(b"\n") < n:
+        data = sock.recv(65536)
+        if not data:
+            break
+        buf += data
+    return buf.split(b"\n")[:n] if buf.count(b"\n") >= n else buf.split(b"\n")
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
+    """Poll a condition cooperatively with a deadline (readiness, not a fixed sleep)."""
+    with gevent.Timeout(timeout, False):
+        while not predicate():
+            gevent.sleep(interval)
+        return True
+    return predicate()
