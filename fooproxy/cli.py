@@ -99,6 +99,6 @@ def parse(argv: list[str]) -> Config:
         _fail(str(exc))
 
 
-def _fail(message: str) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def _fail(message: str) -> NoReturn:  # type: ignore[name-defined]  # noqa: F821
     sys.stderr.write("fooproxy: %s (see fooproxy -h)\n" % message)
     raise SystemExit(2)

@@ -64,7 +64,9 @@ def positive_float(text: str, flag: str, allow_zero: bool = True) -> float:
     except ValueError:
         raise ConfigError("%s: expected a number of seconds, got %r" % (flag, text)) from None
     if value != value or value < 0 or (value == 0 and not allow_zero) or value == float("inf"):
-        raise ConfigError("%s: expected a %s number, got %r" % (flag, "non-negative" if allow_zero else "positive", text))
+        raise ConfigError(
+            "%s: expected a %s number, got %r" % (flag, "non-negative" if allow_zero else "positive", text)
+        )
     return value
 
 
@@ -74,7 +76,9 @@ def positive_int(text: str, flag: str, allow_zero: bool = False) -> int:
     except ValueError:
         raise ConfigError("%s: expected an integer, got %r" % (flag, text)) from None
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError("%s: expected a %s integer, got %r" % (flag, "non-negative" if allow_zero else "positive", text))
+        raise ConfigError(
+            "%s: expected a %s integer, got %r" % (flag, "non-negative" if allow_zero else "positive", text)
+        )
     return value
 
 
@@ -109,7 +113,7 @@ class Config:
     worker_id: int | None = None
 
     @classmethod
-    def from_options(cls, opts: dict[str, Any]) -> "Config":
+    def from_options(cls, opts: dict[str, Any]) -> Config:
         """Build from docopt's option dict (keys like ``--listen``)."""
         http = optional(opts["--http"])
         recovery = optional(opts["--recovery-path"])

@@ -131,7 +131,7 @@ class DataBus:
             while True:
                 try:
                     data = recv(BUFSIZE)
-                except _stdsocket.timeout:
+                except TimeoutError:
                     if self._still_idle(client):
                         return
                     continue
@@ -171,7 +171,7 @@ class DataBus:
             while True:
                 try:
                     data = recv(BUFSIZE)
-                except _stdsocket.timeout:
+                except TimeoutError:
                     if self._still_idle(upstream):
                         return
                     continue

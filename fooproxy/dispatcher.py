@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import gevent
 from gevent.event import Event

@@ -11,8 +11,8 @@ plain value: it sums with ``+``, turns into the SIGUSR2/``/stats`` JSON with
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from fooproxy import timetable
 from fooproxy.protocol import Counts
@@ -91,11 +91,11 @@ class Stats:
         return self.block[_IDX[name]]
 
     # -- reading ----------------------------------------------------------
-    def snapshot(self) -> "Snapshot":
+    def snapshot(self) -> Snapshot:
         """Totals and window counts as of now."""
         return Snapshot.from_blocks([self.block], self.clock(), self.started)
 
-    def restore(self, snap: "Snapshot", now: float | None = None) -> None:
+    def restore(self, snap: Snapshot, now: float | None = None) -> None:
         """Add a saved snapshot's history (totals, live buckets) to this block."""
         for name, value in snap.totals.items():
             if name in _IDX and name not in GAUGES:
@@ -115,7 +115,7 @@ class Snapshot:
     buckets: list[tuple[int, int, int]] = field(default_factory=list)
 
     @classmethod
-    def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> "Snapshot":
+    def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> Snapshot:
         blocks = list(blocks)
         totals = {name: sum(b[i] for b in blocks) for i, name in enumerate(COUNTERS)}
         tables = [b[_HEADER:] for b in blocks]
@@ -132,7 +132,7 @@ class Snapshot:
             buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
         )
 
-    def __add__(self, other: "Snapshot") -> "Snapshot":
+    def __add__(self, other: Snapshot) -> Snapshot:
         merged: dict[int, list[int]] = {}
         for age, req, resp in [*self.buckets, *other.buckets]:
             slot = merged.setdefault(age, [0, 0])
@@ -140,7 +140,7 @@ class Snapshot:
             slot[1] += resp
         return Snapshot(
             totals={k: self.totals.get(k, 0) + other.totals.get(k, 0) for k in {*self.totals, *other.totals}},
-            windows=tuple(a + b for a, b in zip(self.windows, other.windows)),  # type: ignore[arg-type]
+            windows=tuple(a + b for a, b in zip(self.windows, other.windows, strict=True)),  # type: ignore[arg-type]
             uptime_s=max(self.uptime_s, other.uptime_s),
             buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
         )

@@ -14,7 +14,7 @@ process; the clock is injectable so tests are exact.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 BUCKET_S = 0.01
 SLOTS = 1000  # 10 s of 10 ms buckets

@@ -61,7 +61,7 @@ class Connector:
         """A connected upstream socket, or ``UpstreamError`` saying why not."""
         try:
             return dial(self.targets(), self.connect_timeout)
-        except _stdsocket.timeout:
+        except TimeoutError:
             raise UpstreamError("connect to %s timed out after %gs" % (self.address, self.connect_timeout)) from None
         except OSError as exc:
             self._targets = None  # re-resolve next time: the name may have moved

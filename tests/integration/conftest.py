@@ -38,7 +38,7 @@ class MiniServer:
         self.release.set()
         self.server = StreamServer(("127.0.0.1", 0), self.handle)
 
-    def start(self) -> "MiniServer":
+    def start(self) -> MiniServer:
         self.server.start()
         return self
 

@@ -1,0 +1,49 @@
+# fooproxy: every target installs what it needs first, so each works on a fresh clone.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export FOO_BIN_DIR ?= bin
+export GEVENT_MONITOR_THREAD_ENABLE ?= 1
+
+.PHONY: install test unit integration e2e load bench demo lint tox clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install fooproxy with its test tools
+
+test: $(STAMP)  ## every test that finishes in a few minutes (CI runs this)
+	$(BIN)/pytest tests
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+integration: $(STAMP)
+	$(BIN)/pytest tests/integration
+
+e2e: $(STAMP)  ## end to end through the installed CLIs (reference binaries if FOO_BIN_DIR has them)
+	$(BIN)/pytest tests/e2e
+
+load: $(STAMP)  ## locust swarm through fooproxy, stats side by side
+	$(BIN)/foo-harness swarm
+
+bench: $(STAMP)  ## direct vs through-proxy benchmark table
+	$(BIN)/foo-harness bench
+
+demo: $(STAMP)  ## the whole product in one command
+	$(BIN)/foo-harness demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check fooproxy harness tests
+	$(BIN)/ruff format --check fooproxy harness tests
+
+tox: $(STAMP)
+	$(BIN)/pip install 'tox>=4,<5'
+	$(BIN)/tox
+
+clean:
+	rm -rf $(VENV) .tox build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,99 @@
+"""Prometheus exposition of the proxy's stats: a custom collector over ``Snapshot``.
+
+``StatsCollector.collect()`` reads one snapshot per scrape and turns it into
+metric families; prometheus_client does all the formatting. It runs on the
+hub (inside an HTTP request), so it does no I/O and its cost does not depend
+on traffic: one snapshot, a fixed number of families.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from fooproxy.stats import Snapshot
+from fooproxy.timetable import WINDOWS
+
+GetSnapshot = Callable[[], Snapshot]
+#: Extra gauges, ``{"upstream_up": 1.0, ...}``: each becomes ``fooproxy_<name>``.
+GetExtra = Callable[[], Mapping[str, float]]
+
+_MESSAGE_TYPES = (("req", "msg_req"), ("ack", "msg_ack"), ("nak", "msg_nak"), ("invalid", "msg_invalid"))
+_DIRECTIONS = (("client_to_server", "bytes_client_to_server"), ("server_to_client", "bytes_server_to_client"))
+_WINDOW_LABELS = tuple("%gs" % w for w in WINDOWS)  # ("1s", "10s")
+
+
+class StatsCollector(Collector):
+    """Yields the fooproxy metric families from one ``Snapshot`` per scrape."""
+
+    def __init__(self, get_snapshot: GetSnapshot, get_extra: GetExtra | None = None) -> None:
+        self._get_snapshot = get_snapshot
+        self._get_extra = get_extra
+
+    def describe(self) -> list[Metric]:
+        # Defining describe() lets the registry check name clashes at register()
+        # time without taking a snapshot.
+        return list(self._families(Snapshot(totals={}), {}))
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._get_snapshot()
+        extra = self._get_extra() if self._get_extra is not None else {}
+        yield from self._families(snap, extra)
+
+    @staticmethod
+    def _families(snap: Snapshot, extra: Mapping[str, float]) -> Iterator[Metric]:
+        t = snap.totals
+        messages = CounterMetricFamily(
+            "fooproxy_messages",
+            "Whole Foo lines seen in either direction, by type (invalid = not a Foo message).",
+            labels=["type"],
+        )
+        for label, key in _MESSAGE_TYPES:
+            messages.add_metric([label], t.get(key, 0))
+        yield messages
+
+        r1, r10, s1, s10 = snap.windows
+        for name, what, counts in (
+            ("fooproxy_request_rate", "REQ", (r1, r10)),
+            ("fooproxy_response_rate", "ACK+NAK", (s1, s10)),
+        ):
+            rate = GaugeMetricFamily(
+                name, "%s messages per second over a moving window." % what, labels=["window"]
+            )
+            for label, count, seconds in zip(_WINDOW_LABELS, counts, WINDOWS):
+                rate.add_metric([label], count / seconds)
+            yield rate
+
+        yield GaugeMetricFamily(
+            "fooproxy_connections_active", "Client sessions open now.", value=t.get("connections_active", 0)
+        )
+        yield CounterMetricFamily(
+            "fooproxy_connections", "Client sessions accepted.", value=t.get("connections_total", 0)
+        )
+        nbytes = CounterMetricFamily("fooproxy_bytes", "Bytes forwarded, by direction.", labels=["direction"])
+        for label, key in _DIRECTIONS:
+            nbytes.add_metric([label], t.get(key, 0))
+        yield nbytes
+        yield CounterMetricFamily(
+            "fooproxy_upstream_errors",
+            "Upstream connects or transfers that failed.",
+            value=t.get("upstream_errors", 0),
+        )
+        yield GaugeMetricFamily(
+            "fooproxy_pool_idle_connections", "Pooled upstream connections idle now.", value=t.get("pool_idle", 0)
+        )
+        yield GaugeMetricFamily(
+            "fooproxy_pool_open_connections", "Pooled upstream connections open now.", value=t.get("pool_open", 0)
+        )
+        yield GaugeMetricFamily("fooproxy_uptime_seconds", "Seconds since the proxy started.", value=snap.uptime_s)
+        for name in sorted(extra):
+            yield GaugeMetricFamily("fooproxy_" + name, "fooproxy %s." % name.replace("_", " "), value=extra[name])
+
+
+def make_registry(get_snapshot: GetSnapshot, get_extra: GetExtra | None = None) -> CollectorRegistry:
+    """A private registry holding only a ``StatsCollector`` (no process/GC defaults)."""
+    registry = CollectorRegistry()
+    registry.register(StatsCollector(get_snapshot, get_extra))
+    return registry
