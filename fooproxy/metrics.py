@@ -8,7 +8,7 @@ on traffic: one snapshot, a fixed number of families.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -59,10 +59,8 @@ class StatsCollector(Collector):
             ("fooproxy_request_rate", "REQ", (r1, r10)),
             ("fooproxy_response_rate", "ACK+NAK", (s1, s10)),
         ):
-            rate = GaugeMetricFamily(
-                name, "%s messages per second over a moving window." % what, labels=["window"]
-            )
-            for label, count, seconds in zip(_WINDOW_LABELS, counts, WINDOWS):
+            rate = GaugeMetricFamily(name, "%s messages per second over a moving window." % what, labels=["window"])
+            for label, count, seconds in zip(_WINDOW_LABELS, counts, WINDOWS, strict=True):
                 rate.add_metric([label], count / seconds)
             yield rate
 
