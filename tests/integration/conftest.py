@@ -9,13 +9,13 @@ from __future__ import annotations
 import gc
 
 import gevent
+import greenlet
 import pytest
 from gevent import socket
 from gevent.event import Event
 from gevent.server import StreamServer
 
 from fooproxy.config import Address, Config
-from fooproxy.databus import DataBus
 from fooproxy.dispatcher import Dispatcher
 from fooproxy.stats import Stats
 
@@ -110,6 +110,7 @@ def proxy_for():
     def make(forward: Address, **kw) -> Dispatcher:
         kw.setdefault("http", None)
         kw.setdefault("recovery_path", None)
+        kw.setdefault("grace", 0.5)  # tests leave clients open: do not wait long for them
         cfg = Config(listen=Address("127.0.0.1", 0), forward=forward, **kw)
         d = Dispatcher(cfg, Stats())
         d.start()
@@ -119,17 +120,23 @@ def proxy_for():
     yield make
     for d in made:
         d.shutdown()
-    # Nothing may outlive a test: no session, no greenlet running a pump.
+    # Nothing may outlive a test: no handler greenlet, no session object.
+    for d in made:
+        assert len(d.proxy.pool) == 0, "handler greenlets left: %d" % len(d.proxy.pool)
+        assert not d.proxy.sessions
+    # ...and no greenlet still running fooproxy code (a pump, a handler, a timer loop).
     gc.collect()
-    buses = [o for o in gc.get_objects() if isinstance(o, DataBus)]
-    live = [b for b in buses if any(not g.dead for g in _greenlets_of(b))]
-    assert not live, "DataBus sessions left running: %r" % live
+    running = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and _in_fooproxy(g)]
+    assert not running, "greenlets left running fooproxy code: %r" % running
 
 
-def _greenlets_of(bus):
-    import greenlet
-
-    return [o for o in gc.get_referrers(bus) if isinstance(o, greenlet.greenlet)]
+def _in_fooproxy(g: greenlet.greenlet) -> bool:
+    frame = None if g.dead else g.gr_frame
+    while frame is not None:
+        if "/fooproxy/" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def connect(address) -> socket.socket:

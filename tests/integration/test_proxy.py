@@ -1,0 +1,223 @@
+"""The proxy in-process in front of a small Foo server, through real sockets."""
+
+from __future__ import annotations
+
+import socket as _stdsocket
+
+import gevent
+from conftest import connect, read_lines, wait_until
+
+from fooproxy import databus
+from fooproxy.config import Address
+
+
+def totals(d) -> dict:
+    return d.snapshot().as_dict()
+
+
+def test_exchange_is_forwarded_unchanged_and_counted(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 Hey\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    assert bytes(srv.received) == b"REQ 1 Hey\n"
+    c.close()
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+    t = totals(d)
+    assert (t["msg_req"], t["msg_ack"], t["msg_nak"], t["msg_total"], t["msg_invalid"]) == (1, 1, 0, 2, 0)
+    assert t["bytes_client_to_server"] == 10 and t["bytes_server_to_client"] == 9
+    assert t["connections_total"] == 1
+
+
+def test_pipelined_requests_are_not_serialised(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    c = connect(d.address)
+    n = 5000
+    payload = b"".join(b"REQ %d data%d\n" % (i, i) for i in range(n))
+    sender = gevent.spawn(c.sendall, payload)
+    lines = read_lines(c, n)
+    sender.get()
+    assert lines == [b"ACK %d ok" % i for i in range(n)]
+    assert totals(d)["msg_req"] == n and totals(d)["msg_ack"] == n
+
+
+def test_byte_by_byte_client_and_split_server(mini_server, proxy_for):
+    srv = mini_server(split=True)
+    d = proxy_for(srv.address)
+    c = connect(d.address)
+    msg = b"REQ 1 a\nREQ 2 b\nREQ 3 c\n"
+    for i in range(len(msg)):
+        c.sendall(msg[i : i + 1])
+        gevent.sleep(0)  # let each byte travel as its own segment
+    assert read_lines(c, 3) == [b"ACK 1 ok", b"ACK 2 ok", b"ACK 3 ok"]
+    assert bytes(srv.received) == msg
+    t = totals(d)
+    assert t["msg_req"] == 3 and t["msg_ack"] == 3 and t["msg_invalid"] == 0
+
+
+def test_half_close_delivers_answers_then_eof_without_server_eof(mini_server, proxy_for):
+    srv = mini_server()  # never closes its side, like the reference server
+    d = proxy_for(srv.address, linger=60)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\nREQ 2 b\n")
+    c.shutdown(_stdsocket.SHUT_WR)
+    c.settimeout(5)  # far below the linger: EOF must come from the answers being delivered
+    got = b""
+    while True:
+        data = c.recv(4096)
+        if not data:
+            break
+        got += data
+    assert got == b"ACK 1 ok\nACK 2 ok\n"
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+
+
+def test_linger_bounds_a_session_whose_answers_never_come(mini_server, proxy_for):
+    srv = mini_server()
+    srv.release.clear()  # the server reads but does not answer
+    d = proxy_for(srv.address, linger=0.3)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert wait_until(lambda: len(srv.received) == 8)
+    c.shutdown(_stdsocket.SHUT_WR)
+    c.settimeout(5)
+    assert c.recv(100) == b""
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+    srv.release.set()
+
+
+def test_upstream_down_closes_client_and_keeps_serving(mini_server, proxy_for):
+    probe = _stdsocket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there now
+    d = proxy_for(Address("127.0.0.1", port), connect_timeout=1)
+    for _ in range(3):
+        c = connect(d.address)
+        c.settimeout(5)
+        try:
+            assert c.recv(10) == b""
+        except ConnectionResetError:
+            pass
+        c.close()
+    assert wait_until(lambda: totals(d)["upstream_errors"] == 3)
+    assert totals(d)["connections_active"] == 0
+    # The proxy is still there and serves once a server appears.
+    srv = mini_server()
+    d.connector.address = srv.address
+    d.connector._targets = None
+    c = connect(d.address)
+    c.sendall(b"REQ 9 x\n")
+    assert read_lines(c, 1) == [b"ACK 9 ok"]
+
+
+def test_upstream_closing_mid_session_ends_it(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    srv.sockets[0].close()
+    c.settimeout(5)
+    assert c.recv(100) == b""
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+
+
+def test_client_reset_ends_session(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    c.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    c.close()  # RST
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+
+
+def test_garbage_lines_are_forwarded_and_counted_apart(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    c = connect(d.address)
+    junk = b"FOO 1\n\nxx\nREQ 1 x y\n\x00\xff\n"
+    c.sendall(junk)
+    assert len(read_lines(c, 5)) == 5
+    assert bytes(srv.received) == junk
+    t = totals(d)
+    assert t["msg_invalid"] == 5 and t["msg_req"] == 0
+    assert t["msg_nak"] + t["msg_ack"] == 5  # the server's answers are valid messages
+
+
+def test_oversized_line_passes_unchanged_and_counts_invalid(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    c = connect(d.address)
+    big = b"REQ 1 " + b"x" * 300_000 + b"\n"
+    sender = gevent.spawn(c.sendall, big + b"REQ 2 ok\n")
+    assert read_lines(c, 2) == [b"ACK 1 ok", b"ACK 2 ok"]
+    sender.get()
+    assert bytes(srv.received) == big + b"REQ 2 ok\n"
+    t = totals(d)
+    assert t["msg_invalid"] == 1 and t["msg_req"] == 1
+
+
+def test_many_concurrent_clients(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+
+    def one(k: int) -> list[bytes]:
+        c = connect(d.address)
+        c.sendall(b"".join(b"REQ %d c%d\n" % (i, k) for i in range(50)))
+        lines = read_lines(c, 50)
+        c.close()
+        return lines
+
+    jobs = [gevent.spawn(one, k) for k in range(100)]
+    gevent.joinall(jobs, raise_error=True)
+    assert all(j.value == [b"ACK %d ok" % i for i in range(50)] for j in jobs)
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+    t = totals(d)
+    assert t["msg_req"] == 5000 and t["connections_total"] == 100
+
+
+def test_idle_timeout_closes_quiet_sessions(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address, idle_timeout=0.2)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    c.settimeout(5)
+    assert c.recv(10) == b""
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+
+
+def test_drain_lets_open_sessions_finish(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address, grace=5)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    stopper = gevent.spawn(d.shutdown)
+    assert wait_until(lambda: d.draining)
+    c.sendall(b"REQ 2 b\n")  # still served during the drain
+    assert read_lines(c, 1) == [b"ACK 2 ok"]
+    c.shutdown(_stdsocket.SHUT_WR)
+    stopper.get(timeout=5)
+    assert totals(d)["connections_active"] == 0
+
+
+def test_drain_closes_sessions_after_grace(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address, grace=0.2)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    d.shutdown()
+    c.settimeout(5)
+    assert c.recv(10) == b""
+    assert totals(d)["connections_active"] == 0
+
+
+def test_close_reasons_are_named():
+    assert databus.CLIENT_CLOSED and databus.UPSTREAM_CLOSED and databus.IDLE

@@ -1,0 +1,109 @@
+"""Flag parsing: Go-style and GNU-style forms, defaults, and every error path."""
+
+from __future__ import annotations
+
+import pytest
+
+from fooproxy.cli import USAGE, normalise, parse
+from fooproxy.config import Address, ConfigError, parse_address
+
+
+def test_defaults_are_the_original_tools():
+    cfg = parse([])
+    assert cfg.listen == Address("", 8002)
+    assert cfg.forward == Address("", 8001)
+    assert cfg.forward.connect_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-forward", ":9001", "-listen", ":9002"],
+        ["-forward=:9001", "-listen=:9002"],
+        ["--forward", ":9001", "--listen=:9002"],
+        ["--forward=:9001", "-listen", ":9002"],
+    ],
+)
+def test_flag_forms(argv):
+    cfg = parse(argv)
+    assert cfg.forward == Address("", 9001) and cfg.listen == Address("", 9002)
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (":8001", Address("", 8001)),
+        ("localhost:8001", Address("localhost", 8001)),
+        ("127.0.0.1:1", Address("127.0.0.1", 1)),
+        ("[::1]:8001", Address("::1", 8001)),
+        ("8001", Address("", 8001)),
+    ],
+)
+def test_address_forms(text, expected):
+    assert parse_address(text, "-forward") == expected
+
+
+@pytest.mark.parametrize("text", ["", ":", "host:", ":x", ":70000", ":0", "::1:80", "[::1]", "[::1]80", "a:-1"])
+def test_bad_addresses(text):
+    with pytest.raises(ConfigError, match="-forward"):
+        parse_address(text, "-forward")
+
+
+def test_every_flag_in_usage_parses():
+    cfg = parse(
+        "-http off -recovery-path off -workers 2 -pool-size 4 -pool-wait 1.5 -pool-idle 30 -max-conns 50 "
+        "-connect-timeout 2 -idle-timeout 0 -linger 1 -grace 3 -health-interval 1 -log-level DEBUG".split()
+    )
+    assert cfg.http is None and cfg.recovery_path is None
+    assert (cfg.workers, cfg.pool_size, cfg.pool_wait, cfg.max_conns) == (2, 4, 1.5, 50)
+    assert (cfg.idle_timeout, cfg.linger, cfg.grace, cfg.log_level) == (0.0, 1.0, 3.0, "debug")
+
+
+def test_workers_auto_is_cores():
+    import os
+
+    assert parse(["-workers", "auto"]).workers == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["-bogus", "1"], "-bogus"),
+        (["-listen", ":99999"], "-listen"),
+        (["-forward", "nope"], "-forward"),
+        (["-grace", "-1"], "-grace"),
+        (["-grace", "soon"], "-grace"),
+        (["-workers", "0"], "-workers"),
+        (["-pool-size", "-2"], "-pool-size"),
+        (["-max-conns", "many"], "-max-conns"),
+        (["-log-level", "loud"], "-log-level"),
+        (["-connect-timeout", "0"], "-connect-timeout"),
+        (["-http", "127.0.0.1:http"], "-http"),
+        (["-forward"], "forward"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "Traceback" not in err
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(["-h"])
+    assert exc.value.code == 0 and capsys.readouterr().out == USAGE
+    with pytest.raises(SystemExit) as exc:
+        parse(["--version"])
+    assert exc.value.code == 0 and "fooproxy" in capsys.readouterr().out
+
+
+def test_help_lists_every_flag_with_its_default():
+    for flag in ("--listen", "--forward", "--http", "--recovery-path", "--workers", "--pool-size", "--grace"):
+        assert flag in USAGE
+    assert "[default: :8002]" in USAGE and "[default: :8001]" in USAGE
+
+
+def test_normalise_leaves_values_alone():
+    assert normalise(["-listen", ":1", "-grace", "-1", "-h"]) == ["--listen", ":1", "--grace", "-1", "-h"]
