@@ -13,7 +13,10 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
+from fooproxy import recovery
 from fooproxy.config import Config
+from fooproxy.health import Health, UpstreamChecker
+from fooproxy.http import HttpServer, make_app
 from fooproxy.listeners import bind
 from fooproxy.proxy import Proxy
 from fooproxy.stats import Snapshot, Stats
@@ -52,6 +55,9 @@ class Dispatcher:
         self.stats = stats or Stats()
         self.connector = Connector(config.forward, config.connect_timeout)
         self.proxy: Proxy | None = None
+        self.http: HttpServer | None = None
+        self.saver: recovery.Saver | None = None
+        self.checker: UpstreamChecker | None = None
         self.draining = False
         self._stopped = Event()
         self._signals: list = []
@@ -62,18 +68,42 @@ class Dispatcher:
         return self.stats.snapshot()
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self) -> None:
-        """Bind and start serving; raises StartupError with a one-line reason."""
+    def start(self, serve_proxy: bool = True) -> None:
+        """Bind and start serving; raises StartupError with a one-line reason.
+
+        Binds happen before anything is written, so a second instance that
+        finds its ports busy leaves the first one's recovery file alone.
+        """
         cfg = self.config
-        listener = bind(cfg.listen)
-        self.proxy = Proxy(listener, cfg, self.stats, self.connector)
+        if cfg.recovery_path:
+            saved = recovery.load(cfg.recovery_path, log)  # blocking, but only at start
+            if saved is not None:
+                self.stats.restore(saved)
+                log.info("restored stats from %s: %d messages", cfg.recovery_path, saved.as_dict()["msg_total"])
+            self.saver = recovery.Saver(cfg.recovery_path, self.snapshot, logger=log)
+        self.checker = UpstreamChecker(
+            cfg.forward, cfg.health_interval, timeout=min(cfg.connect_timeout, cfg.health_interval), logger=log
+        )
+        health = Health(self.checker, self.saver, is_draining=lambda: self.draining)
+        if cfg.http:
+            self.http = HttpServer(cfg.http, make_app(self.snapshot, health, get_extra=health.gauges), logger=log)
+            self.http.start()
         self._install_signals()
-        self.proxy.start()
+        if serve_proxy:
+            listener = bind(cfg.listen)
+            self.proxy = Proxy(listener, cfg, self.stats, self.connector)
+            self.proxy.start()
+        if cfg.http:
+            self.checker.start()
+        if self.saver is not None:
+            self.saver.start()
         log.info(
-            "fooproxy %s listening on %s, forwarding to %s (pid %d)",
+            "fooproxy %s listening on %s, forwarding to %s, http %s, recovery %s (pid %d)",
             _version(),
-            _bound(listener),
+            _bound(self.proxy.socket) if self.proxy else "(workers)",
             cfg.forward,
+            self.http.address if self.http else "off",
+            cfg.recovery_path or "off",
             os.getpid(),
         )
 
@@ -106,6 +136,8 @@ class Dispatcher:
         if self.draining:
             return
         self.draining = True
+        if self.http is not None:
+            self.http.drain()
         proxy = self.proxy
         if proxy is not None:
             proxy.close()  # stops accepting and closes the listener
@@ -116,6 +148,13 @@ class Dispatcher:
                 log.warning("grace period over: closing %d session(s)", len(proxy.pool))
                 proxy.pool.kill(timeout=1)
         self.connector.close()
+        if self.checker is not None:
+            self.checker.stop()
+        if self.http is not None:
+            self.http.stop(timeout=1)
+        if self.saver is not None:
+            self.saver.stop()
+            self.saver.save_now()
         for handler in self._signals:
             handler.cancel()
         log.info("stopped")
