@@ -1,0 +1,286 @@
+"""The bundled peers' pure parts: answer rule, stream answerer, request plan, CLI parsing."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+try:
+    import harness  # noqa: F401
+except ModuleNotFoundError:  # an editable install made before harness/ existed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fooproxy.config import Address
+from fooproxy.protocol import MAX_LINE
+from harness import client, server
+from harness.answer import ERRDECODE, answer, answer_for, answer_hash, answer_type, check_answer, lie_about
+from harness.client import ALPHABET, BLOCK, Plan, _diagnose, request_data
+from harness.server import Answerer, format_peer, go_duration
+
+
+def reference(msg_type: bytes, seq: int, data: bytes) -> bytes:
+    """The rule as foo-protocol.md states it, computed independently."""
+    digest = hashlib.md5(msg_type + str(seq).encode() + data.hex().encode() + b"weaveworks").hexdigest()
+    kind = "NAK" if digest[0] in "2d" else "ACK"
+    return ("%s %d %s\n" % (kind, seq, digest)).encode()
+
+
+# --- the answer rule ---------------------------------------------------------
+
+
+def test_documented_example_byte_for_byte():
+    assert answer_for(b"REQ 1 x") == b"ACK 1 ab79c6453de3f8785fb18a0c9d1ea4bb\n"
+    assert answer_for(b"REQ 1 x\n") == b"ACK 1 ab79c6453de3f8785fb18a0c9d1ea4bb\n"
+    assert answer_for(b"REQ 1 x\r\n") == b"ACK 1 ab79c6453de3f8785fb18a0c9d1ea4bb\n"
+    assert answer_hash(b"REQ", 1, b"x") == b"ab79c6453de3f8785fb18a0c9d1ea4bb"
+
+
+def test_nak_rule_on_both_digits():
+    firsts = {}
+    for seq in range(1, 2000):
+        line = answer_for(b"REQ %d abc" % seq)
+        firsts.setdefault(chr(line.split()[2][0]), line)
+        assert line == reference(b"REQ", seq, b"abc")
+    assert firsts["2"].startswith(b"NAK ") and firsts["d"].startswith(b"NAK ")
+    assert all(line.startswith(b"ACK ") for digit, line in firsts.items() if digit not in "2d")
+    assert answer_type(b"2f") == b"NAK" and answer_type(b"d0") == b"NAK" and answer_type(b"e2") == b"ACK"
+
+
+NON_SPACE = st.integers(0, 255).filter(lambda b: b not in b" \t\n\r\f\v")
+
+
+@given(seq=st.integers(-(2**63), 2**63 - 1), data=st.lists(NON_SPACE, max_size=40).map(bytes))
+def test_rule_matches_the_documented_formula(seq, data):
+    line = b"REQ %d %s" % (seq, data) if data else b"REQ %d" % seq
+    assert answer_for(line) == reference(b"REQ", seq, data)
+
+
+@pytest.mark.parametrize(
+    "line, normal",
+    [(b"REQ +5 x", 5), (b"REQ 007 x", 7), (b"REQ -0 x", 0), (b"REQ +0007 x", 7), (b"REQ -007 x", -7)],
+)
+def test_seq_is_normalised_in_hash_and_answer(line, normal):
+    assert answer_for(line) == reference(b"REQ", normal, b"x")
+    assert answer_for(line).split()[1] == str(normal).encode()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"REQ 1 x y z",  # spaces in data
+        b"REQ 1 x\ty",  # tab in data
+        b"REQ\t1 x",  # tab as separator
+        b"REQ  1 x",  # double space
+        b"REQ 1  x",
+        b"REQ 1 x ",  # trailing space
+        b" REQ 1 x",
+        b"req 1 x",  # lower-case types
+        b"ack 1 x",
+        b"Req 1 x",
+        b"FOO 1 x",
+        b"REQ x 1",  # non-numeric seq
+        b"REQ 1a x",
+        b"REQ - x",
+        b"REQ",
+        b"REQ ",
+        b"REQ 9223372036854775808 x",  # overflowing seq
+        b"REQ -9223372036854775809 x",
+        b"REQ 99999999999999999999999 x",
+        b"",  # empty line
+        b"\r",
+    ],
+)
+def test_errdecode_cases(line):
+    assert answer_for(line) == ERRDECODE == b"NAK 0 ERRDECODE\n"
+
+
+@pytest.mark.parametrize("seq", [-1, 0, 9223372036854775807, -9223372036854775808])
+def test_int64_edges_accepted(seq):
+    assert answer_for(b"REQ %d x" % seq) == reference(b"REQ", seq, b"x")
+
+
+def test_no_data_hashes_empty_hex():
+    assert answer_for(b"REQ 2") == reference(b"REQ", 2, b"")
+
+
+def test_ack_or_nak_from_a_client_is_hashed_with_its_own_type():
+    assert answer_for(b"ACK 1 x") == reference(b"ACK", 1, b"x")
+    assert answer_for(b"ACK 1 x") != answer_for(b"REQ 1 x")
+    assert answer_for(b"NAK 3 y") == reference(b"NAK", 3, b"y")
+
+
+def test_lie_changes_the_hash_only():
+    good = answer_for(b"REQ 1 x")
+    bad = lie_about(good)
+    assert bad != good and len(bad) == len(good) and bad[:-2] == good[:-2]
+    assert lie_about(ERRDECODE) == ERRDECODE
+    assert check_answer(bad.rstrip(b"\n"), 1, b"x") == "corrupted data"
+
+
+def test_check_answer_reasons():
+    good = answer(b"REQ", 4, b"abcd")
+    assert check_answer(good, 4, b"abcd") is None
+    assert check_answer(good.rstrip(b"\n"), 4, b"abcd") is None
+    assert check_answer(good, 5, b"abcd").startswith("unexpected seq 4 (want 5)")
+    flipped = (b"NAK" if good.startswith(b"ACK") else b"ACK") + good[3:]
+    assert check_answer(flipped, 4, b"abcd") == "corrupted data"
+    assert check_answer(b"NAK 0 ERRDECODE", 4, b"abcd").startswith("unexpected seq 0")
+    assert check_answer(b"garbage", 4, b"abcd").startswith("undecodable answer")
+
+
+# --- the server's stream answerer --------------------------------------------
+
+
+LINES = [b"REQ 1 x", b"REQ +5 abc", b"bad line", b"", b"ACK 7 q\r", b"REQ 9223372036854775807 z", b"REQ 2"]
+
+
+def answers_per_line(lines):
+    return b"".join(answer_for(line) for line in lines)
+
+
+@settings(max_examples=200)
+@given(lines=st.lists(st.sampled_from(LINES), max_size=30), cuts=st.lists(st.integers(0, 400), max_size=20))
+def test_answerer_any_segmentation(lines, cuts):
+    stream = b"".join(line + b"\n" for line in lines) + b"REQ 99 unterminated"
+    pieces, prev = [], 0
+    for cut in sorted(c for c in cuts if c <= len(stream)) + [len(stream)]:
+        pieces.append(stream[prev:cut])
+        prev = cut
+    a = Answerer()
+    out = b"".join(a.feed(p) for p in pieces)
+    assert out == answers_per_line(lines)
+    assert not a.oversized
+
+
+def test_answerer_byte_by_byte():
+    a = Answerer()
+    stream = b"REQ 1 x\nREQ 2 y\n"
+    assert b"".join(a.feed(stream[i : i + 1]) for i in range(len(stream))) == answers_per_line([b"REQ 1 x", b"REQ 2 y"])
+
+
+def test_answerer_max_line_boundary_in_one_chunk():
+    fits = b"REQ 1 " + b"a" * (MAX_LINE - 7)  # + "\n" = exactly MAX_LINE bytes
+    assert len(fits) + 1 == MAX_LINE
+    a = Answerer()
+    assert a.feed(fits + b"\n") == answer_for(fits) and not a.oversized
+    a = Answerer()
+    out = a.feed(b"REQ 1 x\n" + fits + b"a\nREQ 2 y\n")
+    assert out == answer_for(b"REQ 1 x") and a.oversized  # the line before it is answered
+    assert a.feed(b"REQ 3 z\n") == b""  # and nothing after
+
+
+def test_answerer_oversized_across_chunks():
+    a = Answerer()
+    assert a.feed(b"REQ 1 " + b"a" * 40000) == b""
+    assert not a.oversized
+    assert a.feed(b"a" * 40000) == b"" and a.oversized
+    assert a.feed(b"\nREQ 1 x\n") == b""
+    a = Answerer()
+    a.feed(b"R" * (MAX_LINE - 1))
+    assert not a.oversized
+    assert a.feed(b"\n") == ERRDECODE
+    a = Answerer()
+    a.feed(b"R" * (MAX_LINE - 1))
+    assert a.feed(b"R\n") == b"" and a.oversized
+
+
+def test_answerer_lie():
+    assert Answerer(lie=True).feed(b"REQ 1 x\nbad\n") == lie_about(answer_for(b"REQ 1 x")) + ERRDECODE
+
+
+# --- log formatting -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ns, text",
+    [
+        (0, "0s"),
+        (999, "999ns"),
+        (1_500, "1.5µs"),
+        (351_681, "351.681µs"),
+        (1_000_000, "1ms"),
+        (12_345_678, "12.345678ms"),
+        (1_500_000_000, "1.5s"),
+        (61_000_000_000, "1m1s"),
+        (3_723_400_000_000, "1h2m3.4s"),
+    ],
+)
+def test_go_duration(ns, text):
+    assert go_duration(ns) == text
+
+
+def test_format_peer():
+    assert format_peer(("127.0.0.1", 5)) == "127.0.0.1:5"
+    assert format_peer(("::ffff:127.0.0.1", 5, 0, 0)) == "127.0.0.1:5"
+    assert format_peer(("::1", 5, 0, 0)) == "[::1]:5"
+
+
+# --- the client's plan --------------------------------------------------------
+
+
+def test_request_data_is_fixed_and_in_range():
+    data = request_data(1, 0, 2000)
+    assert data == request_data(1, 0, 2000)
+    assert data != request_data(2, 0, 2000)
+    assert all(4 <= len(d) <= 31 and set(d.decode()) <= set(ALPHABET) for d in data)
+    assert {len(d) for d in data} == set(range(4, 32))
+
+
+def test_plan_slices_match_whole_and_rule():
+    n = BLOCK * 2 + 17
+    plan = Plan(7, n)
+    reqs, answers = plan.slice(0, n)
+    lines = reqs.split(b"\n")[:-1]
+    assert len(lines) == n and lines[0].startswith(b"REQ 1 ") and lines[-1].startswith(b"REQ %d " % n)
+    assert answers == answers_per_line(lines)
+    parts = [plan.slice(a, b) for a, b in [(0, 1), (1, BLOCK - 1), (BLOCK - 1, BLOCK + 3), (BLOCK + 3, n)]]
+    assert b"".join(p[0] for p in parts) == reqs and b"".join(p[1] for p in parts) == answers
+
+
+def test_diagnose_reasons():
+    stream = bytearray(Plan(1, 3).slice(0, 3)[1])
+    first = bytes(stream[: stream.index(b"\n") + 1])
+    assert _diagnose(stream, 0, lie_about(first)) == "corrupted data"
+    other = answer(b"REQ", 9, b"q")
+    assert _diagnose(stream, 0, other).startswith("unexpected seq 9 (want 1)")
+    assert _diagnose(stream, len(stream), b"extra\n").startswith("unexpected data")
+    assert _diagnose(stream, 0, b"NAK 0 ERRDECODE\n").startswith("unexpected seq 0 (want 1)")
+
+
+# --- command lines ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["-listen", ":9"], ["-listen=:9"], ["--listen", ":9"], ["--listen=:9"]])
+def test_server_flags_go_and_docopt_style(argv):
+    opts = server.parse_cli(server.USAGE, argv + ["-quiet", "-close-on-eof"], "foo-server")
+    assert opts["--listen"] == ":9" and opts["--quiet"] and opts["--close-on-eof"]
+    assert not opts["--split"] and not opts["--lie"]
+
+
+def test_server_defaults():
+    opts = server.parse_cli(server.USAGE, [], "foo-server")
+    assert opts["--listen"] == ":8001"
+
+
+def test_bad_flags_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        server.parse_cli(server.USAGE, ["-bogus"], "foo-server")
+    assert exc.value.code == 2 and "unknown flag -bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        client.parse(["-window", "0"])
+    assert exc.value.code == 2 and "-window" in capsys.readouterr().err
+
+
+def test_client_defaults_and_flags():
+    opts, summary = client.parse([])
+    assert opts == client.ClientOptions(address=Address("localhost", 8001))
+    assert (opts.requests, opts.window, opts.conns, opts.split, opts.timeout) == (100, 1, 1, True, 10.0)
+    assert not summary
+    argv = "-connect=[::1]:9 -requests 5 -window 3 -conns 2 -seed -4 -no-split -timeout 0.5 -summary -quiet"
+    opts, summary = client.parse(argv.split())
+    assert opts == client.ClientOptions(Address("::1", 9), 5, 3, 2, -4, False, 0.5, True) and summary
