@@ -127,6 +127,7 @@ class DataBus:
     def _pump_c2s(self) -> None:
         client, upstream, stats = self.client, self.upstream, self.stats
         recv, send, feed, record = client.recv, upstream.sendall, self.c2s.feed, stats.record
+        idle, monotonic = self.idle_timeout, time.monotonic
         try:
             while True:
                 try:
@@ -138,11 +139,11 @@ class DataBus:
                 if not data:
                     break
                 send(data)
-                counts = feed(data)
-                record(True, len(data), counts)
-                self.bytes_c2s += len(data)
-                self.lines_c2s += counts.lines
-                self.last_active = time.monotonic()
+                n = len(data)
+                self.lines_c2s += record(True, n, feed(data))
+                self.bytes_c2s += n
+                if idle:
+                    self.last_active = monotonic()
         except OSError as exc:
             self._fail("client->server", exc)
             return
@@ -166,6 +167,7 @@ class DataBus:
     def _pump_s2c(self) -> None:
         client, upstream, stats = self.client, self.upstream, self.stats
         recv, send, feed, record = upstream.recv, client.sendall, self.s2c.feed, stats.record
+        idle, monotonic = self.idle_timeout, time.monotonic
         answered = self._answered
         try:
             while True:
@@ -178,11 +180,11 @@ class DataBus:
                 if not data:
                     break
                 send(data)
-                counts = feed(data)
-                record(False, len(data), counts)
-                self.bytes_s2c += len(data)
-                self.lines_s2c += counts.lines
-                self.last_active = time.monotonic()
+                n = len(data)
+                self.lines_s2c += record(False, n, feed(data))
+                self.bytes_s2c += n
+                if idle:
+                    self.last_active = monotonic()
                 if self.client_eof and self.lines_s2c >= self.lines_c2s and not self.s2c.pending:
                     answered.set()
         except OSError as exc:
