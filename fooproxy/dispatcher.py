@@ -18,6 +18,7 @@ from fooproxy.config import Config
 from fooproxy.health import Health, UpstreamChecker
 from fooproxy.http import HttpServer, make_app
 from fooproxy.listeners import bind
+from fooproxy.pool import UpstreamPool
 from fooproxy.proxy import Proxy
 from fooproxy.stats import Snapshot, Stats
 from fooproxy.upstream import Connector
@@ -53,7 +54,18 @@ class Dispatcher:
     def __init__(self, config: Config, stats: Stats | None = None) -> None:
         self.config = config
         self.stats = stats or Stats()
-        self.connector = Connector(config.forward, config.connect_timeout)
+        self.connector: Connector
+        if config.pool_size > 0:
+            self.connector = UpstreamPool(
+                config.forward,
+                config.connect_timeout,
+                config.pool_size,
+                config.pool_wait,
+                config.pool_idle,
+                on_change=self._pool_gauges,
+            )
+        else:
+            self.connector = Connector(config.forward, config.connect_timeout)
         self.proxy: Proxy | None = None
         self.http: HttpServer | None = None
         self.saver: recovery.Saver | None = None
@@ -66,6 +78,10 @@ class Dispatcher:
     def snapshot(self) -> Snapshot:
         """The stats as SIGUSR2 and /stats show them."""
         return self.stats.snapshot()
+
+    def _pool_gauges(self, idle: int, open_: int) -> None:
+        self.stats.set("pool_idle", idle)
+        self.stats.set("pool_open", open_)
 
     # -- lifecycle ----------------------------------------------------------
     def start(self, serve_proxy: bool = True) -> None:
@@ -147,7 +163,7 @@ class Dispatcher:
             if not proxy.pool.join(timeout=self.config.grace):
                 log.warning("grace period over: closing %d session(s)", len(proxy.pool))
                 proxy.pool.kill(timeout=1)
-        self.connector.close()
+        self.connector.close()  # after the sessions: closes pooled idle connections
         if self.checker is not None:
             self.checker.stop()
         if self.http is not None:

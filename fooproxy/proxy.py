@@ -12,12 +12,14 @@ from gevent.socket import socket
 
 from fooproxy.config import Config
 from fooproxy.databus import DataBus
+from fooproxy.pool import PoolExhausted
 from fooproxy.stats import Stats
 from fooproxy.upstream import Connector, UpstreamError
 
 log = logging.getLogger("fooproxy.proxy")
 
 UNREACHABLE = "upstream unreachable"
+POOL_BUSY = "no pooled upstream connection free"
 
 
 class RepeatFilter:
@@ -77,8 +79,11 @@ class Proxy(StreamServer):
             try:
                 upstream = self.connector.acquire()
             except UpstreamError as exc:
-                stats.upstream_error()
-                self.upstream_errors.warn("connect", "%s: %s" % (peer, exc))
+                stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
+                if isinstance(exc, PoolExhausted):
+                    how = POOL_BUSY
+                # Keyed by kind, so a burst of one does not hide the first report of the other.
+                self.upstream_errors.warn(type(exc).__name__, "%s: %s" % (peer, exc))
                 return
             bus = DataBus(
                 client,

@@ -1,0 +1,183 @@
+"""Limits and timeouts: -max-conns, -connect-timeout, -idle-timeout (loopback only)."""
+
+from __future__ import annotations
+
+import socket as _stdsocket
+import time
+
+import pytest
+from conftest import connect, read_lines, wait_until
+from gevent import socket
+from gevent.event import Event
+from gevent.server import StreamServer
+
+from fooproxy.config import Address
+from fooproxy.upstream import Connector, UpstreamError
+
+
+def totals(d) -> dict:
+    return d.snapshot().totals
+
+
+def silent_for(c, seconds: float) -> bool:
+    """Nothing (not even EOF) arrives on ``c`` for ``seconds``: proves a negative, bounded."""
+    c.settimeout(seconds)
+    try:
+        c.recv(100)
+    except TimeoutError:
+        return True
+    return False
+
+
+def closed_by_proxy(c, timeout: float = 5.0) -> bool:
+    c.settimeout(timeout)
+    try:
+        return c.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
+# --- -max-conns --------------------------------------------------------------
+
+
+def test_max_conns_holds_extra_clients_in_the_backlog(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address, max_conns=2)
+    a, b = connect(d.address), connect(d.address)
+    for i, c in enumerate((a, b)):
+        c.sendall(b"REQ %d a\n" % i)
+        assert read_lines(c, 1) == [b"ACK %d ok" % i]
+    third = connect(d.address)  # the kernel completes the handshake; the proxy does not accept
+    third.sendall(b"REQ 3 c\n")
+    assert silent_for(third, 0.3)
+    assert totals(d)["connections_total"] == 2 and srv.connections == 2
+    assert b"REQ 3" not in srv.received
+    a.close()  # a slot frees: the third is accepted and served
+    assert read_lines(third, 1) == [b"ACK 3 ok"]
+    assert totals(d)["connections_total"] == 3
+    b.sendall(b"REQ 4 d\n")  # the others are unaffected
+    assert read_lines(b, 1) == [b"ACK 4 ok"]
+
+
+# --- -connect-timeout ----------------------------------------------------------
+
+
+@pytest.fixture
+def blackhole():
+    """A loopback listener whose accept queue is full: new SYNs are dropped, connects hang.
+
+    Linux drops a SYN when the listener's accept queue is full (the proxy never
+    sends anything off 127.0.0.0/8). Fillers are added until one times out.
+    """
+    lsock = _stdsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    address = lsock.getsockname()
+    fillers = []
+    try:
+        for _ in range(16):
+            s = socket.socket()
+            s.settimeout(0.2)
+            try:
+                s.connect(address)
+            except TimeoutError:
+                s.close()
+                break
+            fillers.append(s)
+        else:
+            pytest.skip("could not fill the listen backlog on this kernel")
+        yield Address("127.0.0.1", address[1])
+    finally:
+        for s in fillers:
+            s.close()
+        lsock.close()
+
+
+def test_connector_times_out_on_a_blackhole(blackhole):
+    conn = Connector(blackhole, 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(UpstreamError, match=r"timed out after 0.3s"):
+        conn.acquire()
+    assert 0.25 <= time.monotonic() - t0 < 2
+
+
+@pytest.mark.parametrize("pool_size", [0, 2])
+def test_connect_timeout_closes_the_client_and_keeps_serving(blackhole, proxy_for, pool_size):
+    d = proxy_for(blackhole, connect_timeout=0.3, pool_size=pool_size)
+    t0 = time.monotonic()
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert closed_by_proxy(c)
+    assert 0.25 <= time.monotonic() - t0 < 2
+    assert wait_until(lambda: totals(d)["upstream_errors"] == 1)
+    assert totals(d)["connections_active"] == 0 and totals(d)["pool_open"] == 0
+
+
+# --- -idle-timeout -------------------------------------------------------------
+
+
+def test_idle_timeout_zero_disables_it(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address, idle_timeout=0)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    assert silent_for(c, 0.5)
+    c.sendall(b"REQ 2 b\n")
+    assert read_lines(c, 1) == [b"ACK 2 ok"]
+
+
+def test_idle_timeout_counts_client_to_server_traffic(mini_server, proxy_for):
+    srv = mini_server()
+    srv.release.clear()  # the server reads but never answers: traffic one way only
+    d = proxy_for(srv.address, idle_timeout=0.25)
+    c = connect(d.address)
+    t0 = time.monotonic()
+    i = 0
+    while time.monotonic() - t0 < 0.8:  # over three idle periods, a line every 0.08 s
+        c.sendall(b"REQ %d a\n" % i)
+        i += 1
+        assert silent_for(c, 0.08)  # paces the client, and nothing (no EOF) came back
+    srv.release.set()
+    assert read_lines(c, i) == [b"ACK %d ok" % k for k in range(i)]
+    assert totals(d)["connections_active"] == 1
+
+
+def test_idle_timeout_counts_server_to_client_traffic(proxy_for):
+    """A server that talks on its own (a line every 0.08 s) keeps a silent client's session."""
+    stop = Event()
+
+    def talker(sock, _addr) -> None:
+        k = 0
+        while not stop.wait(0.08):
+            try:
+                sock.sendall(b"ACK %d tick\n" % k)
+            except OSError:
+                return
+            k += 1
+
+    server = StreamServer(("127.0.0.1", 0), talker)
+    server.start()
+    try:
+        d = proxy_for(Address("127.0.0.1", server.server_port), idle_timeout=0.25)
+        c = connect(d.address)
+        lines = read_lines(c, 10)  # about 0.8 s, over three idle periods
+        assert lines == [b"ACK %d tick" % k for k in range(10)]
+        stop.set()  # now neither side says anything
+        assert closed_by_proxy(c)
+        assert wait_until(lambda: totals(d)["connections_active"] == 0)
+    finally:
+        stop.set()
+        server.stop(timeout=1)
+
+
+def test_idle_timeout_closes_a_quiet_session_on_time(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address, idle_timeout=0.3)
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    t0 = time.monotonic()
+    assert closed_by_proxy(c)
+    assert 0.2 <= time.monotonic() - t0 < 2
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
