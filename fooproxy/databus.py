@@ -99,7 +99,7 @@ class DataBus:
         return (
             self.ending == CLIENT_CLOSED
             and not self.upstream_eof
-            and self.owed <= 0
+            and self.owed == 0  # more answers than questions: the server is off script
             and not self.c2s.pending
             and not self.s2c.pending
         )

@@ -36,6 +36,9 @@ def dial(targets: list[tuple], timeout: float) -> socket.socket:
         except OSError as exc:
             sock.close()
             last = exc
+        except BaseException:
+            sock.close()  # killed mid-connect (drain): do not leave the socket to the GC
+            raise
     raise last or OSError("no address to connect to")
 
 

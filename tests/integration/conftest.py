@@ -36,6 +36,7 @@ class MiniServer:
         self.sockets: list = []
         self.release = Event()
         self.release.set()
+        self.stopped = Event()
         self.server = StreamServer(("127.0.0.1", 0), self.handle)
 
     def start(self) -> MiniServer:
@@ -80,9 +81,13 @@ class MiniServer:
                 return
         if self.close_on_eof:
             sock.close()
-        # else: like the reference server, keep our side open
+        else:
+            # Like the reference server, never close our side: returning would
+            # let StreamServer close the socket, so park until stop().
+            self.stopped.wait()
 
     def stop(self) -> None:
+        self.stopped.set()
         self.server.stop(timeout=0.5)
         for s in self.sockets:
             s.close()
