@@ -77,6 +77,7 @@ class Procs:
     def __init__(self, log_dir) -> None:
         self.log_dir = log_dir
         self.started: list[Process] = []
+        self.allow_tracebacks = False
 
     def add(self, proc: Process) -> Process:
         self.started.append(proc)
@@ -96,7 +97,11 @@ class Procs:
 
 @pytest.fixture
 def procs(request: pytest.FixtureRequest, tmp_path) -> Iterator[Procs]:
-    """Start processes through this; they are stopped after the test whatever happens."""
+    """Start processes through this; they are stopped after the test whatever happens.
+
+    A module that sets ``CHECK_TRACEBACKS = True`` also fails a test whose
+    fooproxy printed a traceback (unless the test sets ``procs.allow_tracebacks``).
+    """
     registry = Procs(tmp_path)
     try:
         yield registry
@@ -106,6 +111,10 @@ def procs(request: pytest.FixtureRequest, tmp_path) -> Iterator[Procs]:
         report = getattr(request.node, "rep_call", None)
         if report is not None and report.failed:
             print("\n=== output of the test's processes ===\n" + registry.tails())
+    if getattr(request.module, "CHECK_TRACEBACKS", False) and not registry.allow_tracebacks:
+        noisy = [p for p in registry.started if p.name == "fooproxy" and "Traceback" in p.stderr_text()]
+        if noisy:
+            pytest.fail("fooproxy printed a traceback\n" + "\n".join(p.tail(60) for p in noisy))
     for proc in registry.started:
         report = blocking_report(proc)
         if report:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import struct
 import time
 
 import pytest
@@ -12,6 +14,7 @@ from harness.answer import ERRDECODE, answer
 from tests.e2e.helpers import connect, recv_lines, recv_until_eof
 
 pytestmark = pytest.mark.e2e
+CHECK_TRACEBACKS = True  # see conftest.procs
 
 
 def wait_for_stats(proxy: tasks.Service, predicate, timeout: float = 5.0) -> dict:
@@ -103,3 +106,32 @@ def test_undecodable_lines_pass_through_and_count_apart(procs, py_peers) -> None
     assert stats["msg_req"] == 1, stats
     # "NAK 0 ERRDECODE" is itself a well-formed NAK.
     assert stats["msg_ack"] + stats["msg_nak"] == 2, stats
+
+
+def test_server_killed_mid_session_closes_the_client_promptly(procs, peers) -> None:
+    server = procs.server(peers)
+    proxy = procs.proxy(server.address)
+    with connect(proxy.address) as sock:
+        sock.sendall(b"REQ 1 x\n")
+        assert recv_lines(sock, 1) == [answer(b"REQ", 1, b"x")]
+        server.stop(sig=signal.SIGKILL)
+        started = time.monotonic()
+        try:
+            assert recv_until_eof(sock, timeout=5) == b""
+        except ConnectionResetError:
+            pass
+        assert time.monotonic() - started < 2
+    assert proxy.alive(), proxy.tail()
+    wait_for_stats(proxy, lambda s: s["connections_active"] == 0)
+
+
+def test_clients_that_reset_mid_flight_leave_nothing_behind(peers, proxy: tasks.Service) -> None:
+    requests = b"".join(b"REQ %d abc\n" % i for i in range(1, 501))
+    for _ in range(20):
+        sock = connect(proxy.address)
+        sock.sendall(requests)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # RST, answers unread
+    wait_for_stats(proxy, lambda s: s["connections_active"] == 0)
+    assert proxy.alive(), proxy.tail()
+    assert tasks.run_client(proxy.address, peers=peers).ok

@@ -6,16 +6,20 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
 from harness import tasks
 from harness.answer import answer
+from harness.binaries import fooproxy_command
+from harness.processes import wait_for_port
 from harness.stats import next_line, parse_stats
 from tests.e2e.helpers import connect, recv_lines, recv_until_eof
 
 pytestmark = pytest.mark.e2e
+CHECK_TRACEBACKS = True  # see conftest.procs
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -111,3 +115,33 @@ def test_a_burst_of_100_sigusr2_does_not_kill_the_proxy(proxy: tasks.Service, pe
         parse_stats(line)
     rc = proxy.stop()
     assert rc == 0, proxy.tail()
+
+
+@pytest.mark.xfail(reason="fooproxy bug: SIGUSR2 with a closed stdout pipe raises BrokenPipeError and kills the proxy")
+def test_sigusr2_with_a_closed_stdout_pipe_does_not_kill_the_proxy(procs, server: tasks.Service) -> None:
+    """A stats reader that went away (``fooproxy | head -1``) must not take the proxy down."""
+    procs.allow_tracebacks = True
+    listen = tasks.local_address()
+    cmd = [*fooproxy_command(), "-listen", listen, "-forward", server.address, "-http", "off", "-recovery-path", "off"]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=tasks.proxy_env(),
+        start_new_session=True,
+    )
+    try:
+        wait_for_port(*tasks.split_address(listen), timeout=30, alive=lambda: proc.poll() is None)
+        os.kill(proc.pid, signal.SIGUSR2)
+        assert json.loads(proc.stdout.readline())["msg_req"] == 0
+        proc.stdout.close()  # the reader goes away
+        os.kill(proc.pid, signal.SIGUSR2)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1)  # still running a second later
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
