@@ -36,6 +36,7 @@ class StatsPrinter:
     def __init__(self, get_snapshot: Callable[[], Snapshot], stream=None) -> None:
         self.get_snapshot = get_snapshot
         self.stream = stream or sys.stdout
+        self.closed = False
         self._lock = Semaphore()
 
     def __call__(self, *_signal_args) -> None:
@@ -44,8 +45,22 @@ class StatsPrinter:
             gevent.get_hub().threadpool.apply(self._write, (line,))
 
     def _write(self, line: str) -> None:
-        self.stream.write(line)
-        self.stream.flush()
+        if self.closed:
+            return
+        try:
+            self.stream.write(line)
+            self.stream.flush()
+        except (OSError, ValueError) as exc:
+            # The reader went away (`fooproxy | head -1`): keep proxying, say so once,
+            # and point stdout at /dev/null so the flush at exit cannot fail either.
+            self.closed = True
+            log.warning("stdout is closed (%s): SIGUSR2 stats are no longer printed; use /stats", exc)
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
 
 
 class Dispatcher:

@@ -117,7 +117,6 @@ def test_a_burst_of_100_sigusr2_does_not_kill_the_proxy(proxy: tasks.Service, pe
     assert rc == 0, proxy.tail()
 
 
-@pytest.mark.xfail(reason="fooproxy bug: SIGUSR2 with a closed stdout pipe raises BrokenPipeError and kills the proxy")
 def test_sigusr2_with_a_closed_stdout_pipe_does_not_kill_the_proxy(procs, server: tasks.Service) -> None:
     """A stats reader that went away (``fooproxy | head -1``) must not take the proxy down."""
     procs.allow_tracebacks = True
