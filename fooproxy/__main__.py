@@ -33,12 +33,21 @@ def raise_fd_limit() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, then run a single proxy, a worker, or the master of several."""
-    config = cli.parse(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    config = cli.parse(args)
     setup_logging(config.log_level)
     raise_fd_limit()
     from fooproxy.dispatcher import Dispatcher
 
     try:
+        if config.worker_id is not None:  # started by a master: -workers N
+            from fooproxy.workers import run_worker
+
+            return run_worker(config)
+        if config.workers > 1:
+            from fooproxy.workers import run_master
+
+            return run_master(config, args)
         return Dispatcher(config).run()
     except StartupError as exc:
         logging.getLogger("fooproxy").error("%s", exc)

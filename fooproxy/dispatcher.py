@@ -66,9 +66,17 @@ class StatsPrinter:
 class Dispatcher:
     """Runs one proxy process until told to stop."""
 
-    def __init__(self, config: Config, stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        stats: Stats | None = None,
+        snapshot_source: Callable[[], Snapshot] | None = None,
+    ) -> None:
         self.config = config
+        #: The block this process writes (a worker's slot; the master's "base" slot for restores).
         self.stats = stats or Stats()
+        #: What SIGUSR2, HTTP and recovery read, if not ``stats`` alone (the master: all slots summed).
+        self.snapshot_source = snapshot_source
         self.connector: Connector
         if config.pool_size > 0:
             self.connector = UpstreamPool(
@@ -92,6 +100,8 @@ class Dispatcher:
 
     def snapshot(self) -> Snapshot:
         """The stats as SIGUSR2 and /stats show them."""
+        if self.snapshot_source is not None:
+            return self.snapshot_source()
         return self.stats.snapshot()
 
     def _pool_gauges(self, idle: int, open_: int) -> None:
@@ -120,18 +130,30 @@ class Dispatcher:
             self.http = HttpServer(cfg.http, make_app(self.snapshot, health, get_extra=health.gauges), logger=log)
             self.http.start()
         self._install_signals()
-        if serve_proxy:
-            listener = bind(cfg.listen)
-            self.proxy = Proxy(listener, cfg, self.stats, self.connector)
-            self.proxy.start()
+        where = self.serve() if serve_proxy else "(no proxy)"
         if cfg.http:
             self.checker.start()
         if self.saver is not None:
             self.saver.start()
+        self.announce(where)
+
+    def serve(self) -> str:
+        """Bind and start accepting clients; return the address, for the log line.
+
+        The hook a worker (shared port) and the master (no proxy: workers) override.
+        """
+        listener = bind(self.config.listen)
+        self.proxy = Proxy(listener, self.config, self.stats, self.connector)
+        self.proxy.start()
+        return _bound(self.proxy.socket)
+
+    def announce(self, where: str) -> None:
+        """Log the readiness line (harnesses wait for "listening on")."""
+        cfg = self.config
         log.info(
             "fooproxy %s listening on %s, forwarding to %s, http %s, recovery %s (pid %d)",
             _version(),
-            _bound(self.proxy.socket) if self.proxy else "(workers)",
+            where,
             cfg.forward,
             self.http.address if self.http else "off",
             cfg.recovery_path or "off",
@@ -169,15 +191,7 @@ class Dispatcher:
         self.draining = True
         if self.http is not None:
             self.http.drain()
-        proxy = self.proxy
-        if proxy is not None:
-            proxy.close()  # stops accepting and closes the listener
-            open_now = len(proxy.sessions)
-            if open_now:
-                log.info("draining %d open session(s) for up to %gs", open_now, self.config.grace)
-            if not proxy.pool.join(timeout=self.config.grace):
-                log.warning("grace period over: closing %d session(s)", len(proxy.pool))
-                proxy.pool.kill(timeout=1)
+        self.drain()
         self.connector.close()  # after the sessions: closes pooled idle connections
         if self.checker is not None:
             self.checker.stop()
@@ -190,6 +204,18 @@ class Dispatcher:
             handler.cancel()
         log.info("stopped")
         self._stopped.set()
+
+    def drain(self) -> None:
+        """Stop accepting; let open sessions finish within the grace period (the master: stop the workers)."""
+        proxy = self.proxy
+        if proxy is not None:
+            proxy.close()  # stops accepting and closes the listener
+            open_now = len(proxy.sessions)
+            if open_now:
+                log.info("draining %d open session(s) for up to %gs", open_now, self.config.grace)
+            if not proxy.pool.join(timeout=self.config.grace):
+                log.warning("grace period over: closing %d session(s)", len(proxy.pool))
+                proxy.pool.kill(timeout=1)
 
     def _install_signals(self) -> None:
         # Installed before the server starts: SIGUSR2's default action kills.

@@ -14,16 +14,19 @@ class StartupError(RuntimeError):
     """The proxy cannot start; the message is one line for the user."""
 
 
-def bind(address: Address, reuse_port: bool = False, backlog: int = 1024, what: str = "listen") -> socket.socket:
+def bind(
+    address: Address, reuse_port: bool = False, backlog: int = 1024, what: str = "listen", probe: bool = True
+) -> socket.socket:
     """A listening gevent socket on ``address``.
 
     An empty host listens on all interfaces, IPv4 and IPv6 alike (as Go does),
     so a client dialling ``localhost`` finds it whichever address that gives.
     With ``reuse_port``, a port already held by a process that did not set
     SO_REUSEPORT is still reported as in use, and one that did is probed
-    first, so two fooproxies never split a port by accident.
+    first, so two fooproxies never split a port by accident. A worker passes
+    ``probe=False``: its siblings hold the port, and its master probed it once.
     """
-    if reuse_port:
+    if reuse_port and probe:
         probe_free(address, what)
     family, host = _family_host(address)
     sock = socket.socket(family, _stdsocket.SOCK_STREAM)
