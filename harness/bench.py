@@ -51,6 +51,8 @@ Options:
   --proxy-args ARGS   Extra fooproxy flags, e.g. "-workers 2" [default: ].
   --py-spy DIR        Record a py-spy profile of the proxy in each proxied run (needs py-spy).
   --monitor-thread    Run the proxy and foo-server with gevent's monitor thread (slower).
+  --proxy-cmd CMD     Run this command as the proxy instead of the installed fooproxy (to
+                      compare builds); it gets fooproxy's flags appended.
 """
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -149,14 +151,18 @@ def start_server(peers: Peers, close_on_eof: bool = False, monitor: bool | None 
 
 
 def start_proxy(
-    forward: str, extra: Sequence[str] = (), log_level: str = "warning", monitor: bool | None = None
+    forward: str,
+    extra: Sequence[str] = (),
+    log_level: str = "warning",
+    monitor: bool | None = None,
+    command: Sequence[str] | None = None,
 ) -> Service:
-    """fooproxy on a free port in front of ``forward``: no HTTP, no recovery file, quiet logs.
+    """fooproxy (or ``command``) on a free port in front of ``forward``: no HTTP, no recovery file, quiet logs.
 
     Ready once its port accepts (one probe connection, no message).
     """
     listen = local_address()
-    cmd = [*fooproxy_command(), "-listen", listen, "-forward", forward, "-http", "off"]
+    cmd = [*(command or fooproxy_command()), "-listen", listen, "-forward", forward, "-http", "off"]
     cmd += ["-recovery-path", "off", "-log-level", log_level, *extra]
     env = (
         proxy_env() if monitor is None else proxy_env({"GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"})
@@ -199,6 +205,7 @@ def load_run(
     proxy_args: Sequence[str],
     spy_dir: str | None = None,
     monitor: bool = False,
+    proxy_cmd: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """One workload, direct or through a fresh proxy, with a fresh server; the run's record.
 
@@ -210,7 +217,7 @@ def load_run(
     proxy = spy = None
     try:
         if via_proxy:
-            proxy = start_proxy(server.address, proxy_args, monitor=monitor)
+            proxy = start_proxy(server.address, proxy_args, monitor=monitor, command=proxy_cmd)
         target = proxy.address if proxy else server.address
         gen = LoadGen(LoadSpec(target, load.conns, load.window, load.size, duration, load.churn, procs))
         try:
@@ -311,12 +318,13 @@ def memory_and_idle(
     proxy_args: Sequence[str],
     do_memory: bool,
     monitor: bool = False,
+    proxy_cmd: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """W6 (idle CPU with no connections, then with ``idle_conns`` held) and W5 (RSS per held connection)."""
     out: dict[str, Any] = {"problems": []}
     with (
         start_server(peers, monitor=monitor) as server,
-        start_proxy(server.address, proxy_args, monitor=monitor) as proxy,
+        start_proxy(server.address, proxy_args, monitor=monitor, command=proxy_cmd) as proxy,
     ):
         time.sleep(0.5)  # let start-up settle
         out["idle_cpu_pct"] = round(idle_cpu_pct(proxy.pid, idle_seconds), 3)
@@ -453,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     proxy_args = shlex.split(opts["--proxy-args"] or "")
     peers = choose_peers(opts["--python"])
     monitor = bool(opts["--monitor-thread"])
+    proxy_cmd = shlex.split(opts["--proxy-cmd"]) if opts["--proxy-cmd"] else None
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     say = print
     say(
@@ -469,18 +478,29 @@ def main(argv: list[str] | None = None) -> int:
             "on" if monitor else "off",
         )
     )
+    if proxy_cmd:
+        say("proxy command: %s" % " ".join(proxy_cmd))
     runs: list[dict[str, Any]] = []
     for load in LOADS:
         if load.key not in only:
             continue
         for via_proxy in (False, True):
             say("  %s %s %s ..." % (load.key, load.title, "through fooproxy" if via_proxy else "direct"), flush=True)
-            runs.append(load_run(load, peers, via_proxy, duration, procs, proxy_args, opts["--py-spy"], monitor))
+            runs.append(
+                load_run(load, peers, via_proxy, duration, procs, proxy_args, opts["--py-spy"], monitor, proxy_cmd)
+            )
     extra = None
     if only & {"W5", "W6"}:
         say("  W6 idle CPU%s ..." % (" and W5 memory" if "W5" in only else ""), flush=True)
         extra = memory_and_idle(
-            peers, int(opts["--idle-conns"]), float(opts["--idle-seconds"]), procs, proxy_args, "W5" in only, monitor
+            peers,
+            int(opts["--idle-conns"]),
+            float(opts["--idle-seconds"]),
+            procs,
+            proxy_args,
+            "W5" in only,
+            monitor,
+            proxy_cmd,
         )
     say()
     say(table(runs, extra))
@@ -500,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "procs": procs,
         "proxy_args": proxy_args,
         "gevent_monitor_thread": monitor,
+        "proxy_cmd": proxy_cmd,
         "runs": runs,
         "idle_and_memory": extra,
         "ok": not problems,

@@ -174,8 +174,11 @@ class Worker:
         j = i + count
         if j > BLOCK:
             j = BLOCK
+        now = time.perf_counter()
+        if c.sent == c.answered:
+            c.last_rx = now  # nothing was owed: the answer timeout starts now, not at the last answer
         c.sent += j - i
-        c.lat.append((c.sent - (j - i) + 1, time.perf_counter()))
+        c.lat.append((c.sent - (j - i) + 1, now))
         self.send(c, self.reqmv[self.roff[i] : self.roff[j]])
 
     def send(self, c: _Conn, buf: memoryview) -> None:
