@@ -85,6 +85,7 @@ class DataBus:
         self.upstream_eof = False
         self.ending: str | None = None
         self.last_active = time.monotonic()
+        self._moved = 0
         self._answered = Event()
 
     # -- public -------------------------------------------------------------
@@ -106,9 +107,16 @@ class DataBus:
 
     def run(self) -> str:
         """Pump until the session ends; return how it ended."""
-        timeout = self.idle_timeout or None
-        self.client.settimeout(timeout)
-        self.upstream.settimeout(timeout)
+        # No socket timeouts: gevent arms a Timeout for every blocking wait of
+        # a socket that has one (~9 us per message). One repeating libev timer
+        # per session watches the byte counters instead.
+        self.client.settimeout(None)
+        self.upstream.settimeout(None)
+        timer = None
+        if self.idle_timeout:
+            period = max(self.idle_timeout / 4, 0.01)  # ends the session within 1.25 x idle_timeout
+            timer = gevent.get_hub().loop.timer(period, period)
+            timer.start(self._check_idle)
         back = gevent.spawn(self._pump_s2c)
         try:
             self._pump_c2s()
@@ -119,6 +127,8 @@ class DataBus:
             else:
                 back.join()
         finally:
+            if timer is not None:
+                timer.close()
             if not back.dead:
                 back.kill()  # we were killed ourselves (drain): take the child along
         return self.ending or CLIENT_CLOSED
@@ -126,27 +136,30 @@ class DataBus:
     # -- pumps --------------------------------------------------------------
     def _pump_c2s(self) -> None:
         client, upstream, stats = self.client, self.upstream, self.stats
-        recv, send, feed, record = client.recv, upstream.sendall, self.c2s.feed, stats.record
-        idle, monotonic = self.idle_timeout, time.monotonic
+        recv, send, sendall = client.recv, upstream.send, upstream.sendall
+        feed, record = self.c2s.feed, stats.record
+        hub = gevent.get_hub()
+        wait, readable = hub.wait, hub.loop.io(client.fileno(), 1)
+        drained = False  # the last read emptied the socket: wait for data before reading again
         try:
             while True:
-                try:
-                    data = recv(BUFSIZE)
-                except TimeoutError:
-                    if self._still_idle(client):
-                        return
-                    continue
+                if drained:
+                    wait(readable)  # no EAGAIN exception per read
+                data = recv(BUFSIZE)
                 if not data:
                     break
-                send(data)
                 n = len(data)
+                drained = n < BUFSIZE
+                sent = send(data)  # one send() syscall; gevent's sendall adds a getsockopt per call
+                if sent != n:
+                    sendall(memoryview(data)[sent:])
                 self.lines_c2s += record(True, n, feed(data))
                 self.bytes_c2s += n
-                if idle:
-                    self.last_active = monotonic()
         except OSError as exc:
             self._fail("client->server", exc)
             return
+        finally:
+            readable.close()
         if self.ending is not None:
             return  # woken by the other side's ending
         self.client_eof = True
@@ -166,30 +179,33 @@ class DataBus:
 
     def _pump_s2c(self) -> None:
         client, upstream, stats = self.client, self.upstream, self.stats
-        recv, send, feed, record = upstream.recv, client.sendall, self.s2c.feed, stats.record
-        idle, monotonic = self.idle_timeout, time.monotonic
+        recv, send, sendall = upstream.recv, client.send, client.sendall
+        feed, record = self.s2c.feed, stats.record
+        hub = gevent.get_hub()
+        wait, readable = hub.wait, hub.loop.io(upstream.fileno(), 1)
+        drained = False  # the last read emptied the socket: wait for data before reading again
         answered = self._answered
         try:
             while True:
-                try:
-                    data = recv(BUFSIZE)
-                except TimeoutError:
-                    if self._still_idle(upstream):
-                        return
-                    continue
+                if drained:
+                    wait(readable)  # no EAGAIN exception per read
+                data = recv(BUFSIZE)
                 if not data:
                     break
-                send(data)
                 n = len(data)
+                drained = n < BUFSIZE
+                sent = send(data)  # one send() syscall; gevent's sendall adds a getsockopt per call
+                if sent != n:
+                    sendall(memoryview(data)[sent:])
                 self.lines_s2c += record(False, n, feed(data))
                 self.bytes_s2c += n
-                if idle:
-                    self.last_active = monotonic()
                 if self.client_eof and self.lines_s2c >= self.lines_c2s and not self.s2c.pending:
                     answered.set()
         except OSError as exc:
             self._fail("server->client", exc)
             return
+        finally:
+            readable.close()
         if self.ending is None:
             # The server really closed: deliver EOF, then end the whole session.
             self.upstream_eof = True
@@ -213,17 +229,16 @@ class DataBus:
                 self.ending = "error %s: %s" % (direction, exc)
         self._abort()
 
-    def _still_idle(self, sock: socket) -> bool:
-        """After a recv timeout: end the session if neither side moved for the whole period."""
-        quiet = time.monotonic() - self.last_active
-        if self.ending is not None:
-            return True
-        if quiet >= self.idle_timeout:
+    def _check_idle(self) -> None:
+        """Timer callback, in the hub (must not block): end the session once no byte
+        moved either way for ``idle_timeout`` seconds."""
+        moved = self.bytes_c2s + self.bytes_s2c
+        now = time.monotonic()
+        if moved != self._moved:
+            self._moved, self.last_active = moved, now
+        elif self.ending is None and now - self.last_active >= self.idle_timeout:
             self._end(IDLE)
             self._abort()
-            return True
-        sock.settimeout(self.idle_timeout - quiet)  # wait out exactly the rest
-        return False
 
     def _abort(self) -> None:
         _shutdown(self.client, _SHUT_RDWR)
