@@ -29,10 +29,10 @@ e2e: $(STAMP)  ## end to end through the installed CLIs (reference binaries if F
 	$(BIN)/pytest tests/e2e
 
 load: $(STAMP)  ## locust swarm through fooproxy, stats side by side
-	$(BIN)/foo-harness swarm
+	$(BIN)/foo-harness swarm $(LOAD_ARGS)
 
 bench: $(STAMP)  ## direct vs through-proxy benchmark table
-	$(BIN)/foo-harness bench
+	$(BIN)/foo-harness bench $(BENCH_ARGS)
 
 demo: $(STAMP)  ## the whole product in one command
 	$(BIN)/foo-harness demo

@@ -84,10 +84,28 @@ MEMORY_TARGET_KIB, IDLE_TARGET_PCT = 10.0, 0.0
 
 # -- /proc -------------------------------------------------------------------------
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (its own threads, not its children), from /proc."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of ``pid`` and its live descendants (``-workers N``), from /proc."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # exited meanwhile
+            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+    if pid not in stats:
+        raise ProcessLookupError(pid)
+    tree, total, grew = {pid}, 0.0, True
+    while grew:
+        grew = False
+        for child, (ppid, _cpu) in stats.items():
+            if ppid in tree and child not in tree:
+                tree.add(child)
+                grew = True
+    for member in tree:
+        total += stats[member][1]
+    return total
 
 
 def machine_busy_seconds() -> float:
