@@ -134,12 +134,13 @@ class DataBus:
         return self.ending or CLIENT_CLOSED
 
     # -- pumps --------------------------------------------------------------
-    def _pump_c2s(self) -> None:
-        client, upstream, stats = self.client, self.upstream, self.stats
-        recv, send, sendall = client.recv, upstream.send, upstream.sendall
-        feed, record = self.c2s.feed, stats.record
+    def _forward(self, src: socket, dst: socket, counter: MessageCounter, to_server: bool) -> bool:
+        """Copy ``src`` to ``dst`` chunk by chunk, counting; True at EOF, False after an error."""
+        recv, send, sendall = src.recv, dst.send, dst.sendall
+        feed, record = counter.feed, self.stats.record
         hub = gevent.get_hub()
-        wait, readable = hub.wait, hub.loop.io(client.fileno(), 1)
+        wait, readable = hub.wait, hub.loop.io(src.fileno(), 1)
+        answered = self._answered
         drained = False  # the last read emptied the socket: wait for data before reading again
         try:
             while True:
@@ -147,19 +148,31 @@ class DataBus:
                     wait(readable)  # no EAGAIN exception per read
                 data = recv(BUFSIZE)
                 if not data:
-                    break
+                    return True
                 n = len(data)
                 drained = n < BUFSIZE
                 sent = send(data)  # one send() syscall; gevent's sendall adds a getsockopt per call
                 if sent != n:
                     sendall(memoryview(data)[sent:])
-                self.lines_c2s += record(True, n, feed(data))
-                self.bytes_c2s += n
+                lines = record(to_server, n, feed(data))
+                if to_server:
+                    self.lines_c2s += lines
+                    self.bytes_c2s += n
+                else:
+                    self.lines_s2c += lines
+                    self.bytes_s2c += n
+                    if self.client_eof and self.lines_s2c >= self.lines_c2s and not counter.pending:
+                        answered.set()
         except OSError as exc:
-            self._fail("client->server", exc)
-            return
+            self._fail("client->server" if to_server else "server->client", exc)
+            return False
         finally:
             readable.close()
+
+    def _pump_c2s(self) -> None:
+        if not self._forward(self.client, self.upstream, self.c2s, True):
+            return
+        upstream = self.upstream
         if self.ending is not None:
             return  # woken by the other side's ending
         self.client_eof = True
@@ -178,34 +191,9 @@ class DataBus:
             _shutdown(upstream, _SHUT_RDWR)
 
     def _pump_s2c(self) -> None:
-        client, upstream, stats = self.client, self.upstream, self.stats
-        recv, send, sendall = upstream.recv, client.send, client.sendall
-        feed, record = self.s2c.feed, stats.record
-        hub = gevent.get_hub()
-        wait, readable = hub.wait, hub.loop.io(upstream.fileno(), 1)
-        drained = False  # the last read emptied the socket: wait for data before reading again
-        answered = self._answered
-        try:
-            while True:
-                if drained:
-                    wait(readable)  # no EAGAIN exception per read
-                data = recv(BUFSIZE)
-                if not data:
-                    break
-                n = len(data)
-                drained = n < BUFSIZE
-                sent = send(data)  # one send() syscall; gevent's sendall adds a getsockopt per call
-                if sent != n:
-                    sendall(memoryview(data)[sent:])
-                self.lines_s2c += record(False, n, feed(data))
-                self.bytes_s2c += n
-                if self.client_eof and self.lines_s2c >= self.lines_c2s and not self.s2c.pending:
-                    answered.set()
-        except OSError as exc:
-            self._fail("server->client", exc)
-            return
-        finally:
-            readable.close()
+        if not self._forward(self.upstream, self.client, self.s2c, False):
+            return  # _fail() aborted the session
+        client, answered = self.client, self._answered
         if self.ending is None:
             # The server really closed: deliver EOF, then end the whole session.
             self.upstream_eof = True
