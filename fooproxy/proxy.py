@@ -75,7 +75,10 @@ class Proxy(StreamServer):
         bus = upstream = None
         how = UNREACHABLE
         try:
-            client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            try:
+                client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # the client is already gone: the first recv will say so
             try:
                 upstream = self.connector.acquire()
             except UpstreamError as exc:
