@@ -1,7 +1,16 @@
-"""DataBus: one client session, two pumps between the client and its upstream.
+"""DataBus: one client session, driven by libev watchers, with no greenlet of its own.
 
-Each pump reads a chunk, writes it on whole, then counts the lines it
-finished (so counts describe delivered bytes). Nothing waits for a whole line.
+Each direction is a ``Flow``: when its source is readable, one ``recv`` of up to
+64 KiB, one ``send`` of the chunk, then the lines the chunk finished are
+counted (so counts describe bytes handed to the destination). If the
+destination takes only part of it, reading stops and a write watcher sends the
+rest first: backpressure without buffering more than one chunk. Nothing waits
+for a whole line.
+
+Why callbacks and not a greenlet per direction: a parked greenlet keeps its
+saved C stack (~8 KiB each), and every wake-up is two switches through gevent's
+socket layer. A session here is a few small objects and two io watchers, and a
+message costs one callback in the hub (see the README's benchmark section).
 
 Endings (the reference server never closes its side, so none of them waits
 for the server's EOF):
@@ -11,12 +20,11 @@ for the server's EOF):
   had its answer delivered, or after ``linger`` seconds at most;
 * upstream EOF: the client gets every byte already read, then EOF, and the
   session ends;
-* an error or an idle timeout on either side: both sockets are shut down,
-  which wakes the other pump, and the session ends.
+* an error, an idle timeout, or ``abort()`` (the drain): both sockets are shut
+  down and the session ends.
 
-Only ``run()`` closes nothing: the caller owns both sockets and closes them
-after ``run()`` returns (closing a socket another greenlet waits on gives
-EBADF, gevent #800).
+At the end every watcher is closed and ``on_end(bus)`` runs, in the hub: it
+must not block. The DataBus closes no socket: the caller owns both.
 """
 
 from __future__ import annotations
@@ -25,9 +33,9 @@ import errno
 import logging
 import socket as _stdsocket
 import time
+from collections.abc import Callable
 
 import gevent
-from gevent.event import Event
 from gevent.socket import socket
 
 from fooproxy.protocol import MessageCounter
@@ -38,28 +46,139 @@ log = logging.getLogger("fooproxy.databus")
 BUFSIZE = 65536
 #: Errors that mean "the peer went away": logged at debug, not as failures.
 PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNABORTED, errno.ESHUTDOWN})
-_SHUT_RD, _SHUT_WR, _SHUT_RDWR = _stdsocket.SHUT_RD, _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
+_SHUT_WR, _SHUT_RDWR = _stdsocket.SHUT_WR, _stdsocket.SHUT_RDWR
+_READ, _WRITE = 1, 2
+_RETRY = (BlockingIOError, InterruptedError)
 
-# How a session ended, as logged and as returned by run().
+# How a session ended, as logged.
 CLIENT_CLOSED = "client closed"
 UPSTREAM_CLOSED = "upstream closed"
 IDLE = "idle timeout"
 LINGER = "client closed, answers still owed after linger"
+SHUT_DOWN = "shut down"
 
 
 def _shutdown(sock: socket, how: int) -> None:
     try:
         sock.shutdown(how)
     except OSError:
-        pass  # already closed or never connected: nothing left to wake
+        pass  # already closed or never connected: nothing left to tell the peer
+
+
+def _raw(sock: socket) -> _stdsocket.socket:
+    """The OS-level socket under a gevent one: always non-blocking, never waits in the hub."""
+    return getattr(sock, "_sock", sock)
+
+
+class Flow:
+    """One direction of a session: ``src`` to ``dst``, counted.
+
+    ``lines`` and ``nbytes`` count what was handed to ``dst`` (a chunk counts
+    once all of it is out). ``unsent`` holds the tail of a chunk ``dst`` did not
+    take yet; while it is set, ``src`` is not read.
+    """
+
+    __slots__ = ("bus", "to_server", "recv", "send", "reader", "writer", "dst_fd", "counter",
+                 "lines", "nbytes", "chunk", "unsent", "watch_answers")  # fmt: skip
+
+    def __init__(self, bus: DataBus, src: socket, dst: socket, to_server: bool) -> None:
+        raw_src, raw_dst = _raw(src), _raw(dst)
+        self.bus: DataBus | None = bus
+        self.to_server = to_server
+        self.recv = raw_src.recv
+        self.send = raw_dst.send
+        self.reader = gevent.get_hub().loop.io(raw_src.fileno(), _READ)
+        self.writer = None  # made on the first short write: most sessions never need one
+        self.dst_fd = raw_dst.fileno()
+        self.counter = MessageCounter()
+        self.lines = self.nbytes = 0
+        self.chunk: bytes | None = None
+        self.unsent: memoryview | None = None
+        self.watch_answers = False  # set at client EOF on the server->client flow
+
+    @property
+    def direction(self) -> str:
+        return "client->server" if self.to_server else "server->client"
+
+    def start(self) -> None:
+        self.reader.start(self.on_readable)
+
+    def on_readable(self) -> None:
+        """libev callback, in the hub: move one chunk."""
+        bus = self.bus
+        try:
+            data = self.recv(BUFSIZE)
+            if not data:
+                bus.eof(self)
+                return
+            try:
+                sent = self.send(data)
+            except _RETRY:
+                sent = 0
+            if sent == len(data):
+                self.delivered(data)
+            else:
+                self._hold(data, sent)
+        except _RETRY:
+            pass  # woken, but another reader was faster (or a signal): wait again
+        except OSError as exc:
+            bus.fail(self, exc)
+        except Exception:  # a bug: end this session, never leave a watcher firing on it
+            bus.crashed()
+
+    def delivered(self, data: bytes) -> None:
+        """Count a chunk ``dst`` has taken in full."""
+        n = len(data)
+        bus = self.bus
+        self.lines += bus.record(self.to_server, n, self.counter.feed(data))
+        self.nbytes += n
+        if self.watch_answers and bus.answered:
+            bus.finish(CLIENT_CLOSED)
+
+    def _hold(self, data: bytes, sent: int) -> None:
+        """``dst`` is full: stop reading, send the rest when it is writable."""
+        self.chunk = data
+        self.unsent = memoryview(data)[sent:]
+        self.reader.stop()
+        if self.writer is None:
+            self.writer = gevent.get_hub().loop.io(self.dst_fd, _WRITE)
+        self.writer.start(self.on_writable)
+
+    def on_writable(self) -> None:
+        """libev callback, in the hub: send more of the held chunk."""
+        try:
+            self.unsent = unsent = self.unsent[self.send(self.unsent) :]
+            if len(unsent):
+                return
+            data, self.chunk, self.unsent = self.chunk, None, None
+            self.writer.stop()
+            self.reader.start(self.on_readable)  # before counting: counting may end the session
+            self.delivered(data)
+        except _RETRY:
+            pass
+        except OSError as exc:
+            self.bus.fail(self, exc)
+        except Exception:
+            self.bus.crashed()
+
+    def close(self) -> None:
+        self.reader.close()
+        if self.writer is not None:
+            self.writer.close()
+        self.bus = None  # breaks the bus <-> flow cycle at once, without the cyclic GC
 
 
 class DataBus:
     """Moves bytes both ways between ``client`` and ``upstream`` and counts them.
 
     ``keep_upstream``: on client EOF leave the upstream open so that a pool can
-    reuse it; ``clean`` then says whether it may be reused.
+    reuse it; ``clean`` then says whether it may be reused. ``peer`` and
+    ``started`` are for the caller's log line.
     """
+
+    __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
+                 "client_eof", "upstream_eof", "ending", "last_active", "peer", "started", "_moved", "_timers",
+                 "_on_end")  # fmt: skip
 
     def __init__(
         self,
@@ -70,29 +189,43 @@ class DataBus:
         linger: float = 5.0,
         idle_timeout: float = 0.0,
         keep_upstream: bool = False,
+        peer: str = "",
     ) -> None:
         self.client = client
         self.upstream = upstream
-        self.stats = stats
+        self.record = stats.record
         self.linger = linger
         self.idle_timeout = idle_timeout
         self.keep_upstream = keep_upstream
-        self.c2s = MessageCounter()
-        self.s2c = MessageCounter()
-        self.bytes_c2s = self.bytes_s2c = 0
-        self.lines_c2s = self.lines_s2c = 0
+        self.c2s_flow = Flow(self, client, upstream, True)
+        self.s2c_flow = Flow(self, upstream, client, False)
         self.client_eof = False
         self.upstream_eof = False
         self.ending: str | None = None
-        self.last_active = time.monotonic()
+        self.peer = peer
+        self.started = self.last_active = time.monotonic()
         self._moved = 0
-        self._answered = Event()
+        self._timers: list = []
+        self._on_end: Callable[[DataBus], None] | None = None
 
-    # -- public -------------------------------------------------------------
+    # -- state ----------------------------------------------------------------
+    c2s = property(lambda self: self.c2s_flow.counter, doc="The client->server line counter.")
+    s2c = property(lambda self: self.s2c_flow.counter, doc="The server->client line counter.")
+    bytes_c2s = property(lambda self: self.c2s_flow.nbytes)
+    bytes_s2c = property(lambda self: self.s2c_flow.nbytes)
+    lines_c2s = property(lambda self: self.c2s_flow.lines)
+    lines_s2c = property(lambda self: self.s2c_flow.lines)
+
     @property
     def owed(self) -> int:
         """Answers the server still owes: lines sent minus lines delivered back."""
-        return self.lines_c2s - self.lines_s2c
+        return self.c2s_flow.lines - self.s2c_flow.lines
+
+    @property
+    def answered(self) -> bool:
+        """Every line the client sent has had its answer delivered, and nothing is half sent."""
+        back = self.s2c_flow
+        return self.owed <= 0 and not back.counter.pending and back.unsent is None
 
     @property
     def clean(self) -> bool:
@@ -105,130 +238,107 @@ class DataBus:
             and not self.s2c.pending
         )
 
-    def run(self) -> str:
-        """Pump until the session ends; return how it ended."""
-        # No socket timeouts: gevent arms a Timeout for every blocking wait of
-        # a socket that has one (~9 us per message). One repeating libev timer
-        # per session watches the byte counters instead.
-        self.client.settimeout(None)
-        self.upstream.settimeout(None)
-        timer = None
+    # -- control --------------------------------------------------------------
+    def start(self, on_end: Callable[[DataBus], None]) -> None:
+        """Start moving bytes; ``on_end(self)`` is called once, in the hub, when the session ends."""
+        self._on_end = on_end
         if self.idle_timeout:
-            period = max(self.idle_timeout / 4, 0.01)  # ends the session within 1.25 x idle_timeout
-            timer = gevent.get_hub().loop.timer(period, period)
-            timer.start(self._check_idle)
-        back = gevent.spawn(self._pump_s2c)
-        try:
-            self._pump_c2s()
-            if self.keep_upstream and not back.dead:
-                # The answers owed have arrived (or the linger ran out): the
-                # pump would otherwise sit in recv on a connection we keep.
-                back.kill()
-            else:
-                back.join()
-        finally:
-            if timer is not None:
-                timer.close()
-            if not back.dead:
-                back.kill()  # we were killed ourselves (drain): take the child along
-        return self.ending or CLIENT_CLOSED
+            # One repeating timer watching the byte counters, rather than a
+            # timeout armed per wait; ends the session within 1.25 x idle_timeout.
+            period = max(self.idle_timeout / 4, 0.01)
+            self._timer(period, self._check_idle, repeat=period)
+        self.c2s_flow.start()
+        self.s2c_flow.start()
 
-    # -- pumps --------------------------------------------------------------
-    def _forward(self, src: socket, dst: socket, counter: MessageCounter, to_server: bool) -> bool:
-        """Copy ``src`` to ``dst`` chunk by chunk, counting; True at EOF, False after an error."""
-        recv, send, sendall = src.recv, dst.send, dst.sendall
-        feed, record = counter.feed, self.stats.record
-        hub = gevent.get_hub()
-        wait, readable = hub.wait, hub.loop.io(src.fileno(), 1)
-        answered = self._answered
-        drained = False  # the last read emptied the socket: wait for data before reading again
-        try:
-            while True:
-                if drained:
-                    wait(readable)  # no EAGAIN exception per read
-                data = recv(BUFSIZE)
-                if not data:
-                    return True
-                n = len(data)
-                drained = n < BUFSIZE
-                sent = send(data)  # one send() syscall; gevent's sendall adds a getsockopt per call
-                if sent != n:
-                    sendall(memoryview(data)[sent:])
-                lines = record(to_server, n, feed(data))
-                if to_server:
-                    self.lines_c2s += lines
-                    self.bytes_c2s += n
-                else:
-                    self.lines_s2c += lines
-                    self.bytes_s2c += n
-                    if self.client_eof and self.lines_s2c >= self.lines_c2s and not counter.pending:
-                        answered.set()
-        except OSError as exc:
-            self._fail("client->server" if to_server else "server->client", exc)
-            return False
-        finally:
-            readable.close()
-
-    def _pump_c2s(self) -> None:
-        if not self._forward(self.client, self.upstream, self.c2s, True):
-            return
-        upstream = self.upstream
-        if self.ending is not None:
-            return  # woken by the other side's ending
-        self.client_eof = True
-        if self.upstream_eof:
-            self._end(UPSTREAM_CLOSED)
-            return
-        if not self.keep_upstream:
-            _shutdown(upstream, _SHUT_WR)  # pass the half-close on
-        if self.owed > 0 or self.s2c.pending:
-            self._answered.wait(self.linger)
-        if self.ending is None:
-            answered = self.owed <= 0 and not self.s2c.pending
-            self._end(CLIENT_CLOSED if answered else LINGER)
-        if not self.keep_upstream or self.ending != CLIENT_CLOSED:
-            # Wake the other pump: the reference server never sends EOF.
-            _shutdown(upstream, _SHUT_RDWR)
-
-    def _pump_s2c(self) -> None:
-        if not self._forward(self.upstream, self.client, self.s2c, False):
-            return  # _fail() aborted the session
-        client, answered = self.client, self._answered
-        if self.ending is None:
-            # The server really closed: deliver EOF, then end the whole session.
-            self.upstream_eof = True
-            self._end(UPSTREAM_CLOSED)
-            _shutdown(client, _SHUT_RDWR)
-        elif not (self.keep_upstream and self.ending == CLIENT_CLOSED):
-            _shutdown(client, _SHUT_WR)
-        answered.set()
-
-    # -- endings ------------------------------------------------------------
-    def _end(self, how: str) -> None:
+    def abort(self, how: str = SHUT_DOWN) -> None:
+        """End the session now (the drain after the grace period): shut both sockets down."""
         if self.ending is None:
             self.ending = how
-
-    def _fail(self, direction: str, exc: OSError) -> None:
-        if self.ending is None:
-            if exc.errno in PEER_GONE:
-                self.ending = "%s: %s" % (direction, errno.errorcode.get(exc.errno, exc.errno))
-                log.debug("%s: %s", direction, exc)
-            else:
-                self.ending = "error %s: %s" % (direction, exc)
         self._abort()
 
+    # -- events from the flows --------------------------------------------------
+    def eof(self, flow: Flow) -> None:
+        if flow.to_server:
+            self._client_eof()
+        else:
+            # The server really closed: the client has every byte already
+            # read (nothing is held at EOF); it gets EOF, the session ends.
+            self.upstream_eof = True
+            _shutdown(self.client, _SHUT_RDWR)
+            self.finish(UPSTREAM_CLOSED)
+
+    def _client_eof(self) -> None:
+        self.client_eof = True
+        self.c2s_flow.reader.stop()
+        if not self.keep_upstream:
+            _shutdown(self.upstream, _SHUT_WR)  # pass the half-close on
+        if self.answered:
+            self.finish(CLIENT_CLOSED)
+        elif self.linger > 0:
+            self.s2c_flow.watch_answers = True
+            self._timer(self.linger, self._linger_over)
+        else:
+            self._linger_over()
+
+    def _linger_over(self) -> None:
+        self.finish(CLIENT_CLOSED if self.answered else LINGER)
+
+    def fail(self, flow: Flow, exc: OSError) -> None:
+        if self.ending is None:
+            if exc.errno in PEER_GONE:
+                self.ending = "%s: %s" % (flow.direction, errno.errorcode.get(exc.errno, exc.errno))
+                log.debug("%s: %s", flow.direction, exc)
+            else:
+                self.ending = "error %s: %s" % (flow.direction, exc)
+        self._abort()
+
+    def crashed(self) -> None:
+        log.exception("session %s failed", self.peer)
+        self.abort("error: internal")
+
     def _check_idle(self) -> None:
-        """Timer callback, in the hub (must not block): end the session once no byte
-        moved either way for ``idle_timeout`` seconds."""
-        moved = self.bytes_c2s + self.bytes_s2c
+        """Timer callback: end the session once no byte moved either way for ``idle_timeout`` s."""
+        moved = self.c2s_flow.nbytes + self.s2c_flow.nbytes
         now = time.monotonic()
         if moved != self._moved:
             self._moved, self.last_active = moved, now
-        elif self.ending is None and now - self.last_active >= self.idle_timeout:
-            self._end(IDLE)
-            self._abort()
+        elif now - self.last_active >= self.idle_timeout:
+            self.abort(IDLE)
 
+    # -- the end ----------------------------------------------------------------
     def _abort(self) -> None:
         _shutdown(self.client, _SHUT_RDWR)
         _shutdown(self.upstream, _SHUT_RDWR)
-        self._answered.set()
+        self.finish(SHUT_DOWN)
+
+    def finish(self, how: str) -> None:
+        """Close every watcher, then tell the owner (once). ``how`` unless already decided."""
+        on_end = self._on_end
+        if on_end is None:
+            return
+        self._on_end = None
+        if self.ending is None:
+            self.ending = how
+        if self.ending != CLIENT_CLOSED or not self.keep_upstream:
+            # Not going back to a pool: make sure the server sees the end too.
+            _shutdown(self.upstream, _SHUT_RDWR)
+        self.c2s_flow.close()
+        self.s2c_flow.close()
+        for timer in self._timers:
+            timer.close()
+        self._timers = []
+        try:
+            on_end(self)
+        except Exception:  # a bug in the owner must not leave the hub's callback loop broken
+            log.exception("session end handler failed")
+
+    def _timer(self, after: float, callback: Callable[[], None], repeat: float = 0.0) -> None:
+        timer = gevent.get_hub().loop.timer(after, repeat)
+        timer.start(self._guarded, callback)
+        self._timers.append(timer)
+
+    def _guarded(self, callback: Callable[[], None]) -> None:
+        try:
+            callback()
+        except Exception:
+            self.crashed()

@@ -213,9 +213,9 @@ class Dispatcher:
             open_now = len(proxy.sessions)
             if open_now:
                 log.info("draining %d open session(s) for up to %gs", open_now, self.config.grace)
-            if not proxy.pool.join(timeout=self.config.grace):
-                log.warning("grace period over: closing %d session(s)", len(proxy.pool))
-                proxy.pool.kill(timeout=1)
+            if not proxy.wait_closed(self.config.grace):
+                log.warning("grace period over: closing %d session(s)", proxy.open)
+                proxy.close_sessions()
 
     def _install_signals(self) -> None:
         # Installed before the server starts: SIGUSR2's default action kills.

@@ -1,4 +1,4 @@
-"""Proxy: the gevent StreamServer that accepts clients and runs a DataBus each."""
+"""Proxy: the gevent StreamServer that accepts clients and starts a DataBus each."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 import socket as _stdsocket
 import time
 
-from gevent.pool import Pool
+from gevent.event import Event
+from gevent.pool import Group
 from gevent.server import StreamServer
 from gevent.socket import socket
 
@@ -45,8 +46,12 @@ class RepeatFilter:
 class Proxy(StreamServer):
     """Accepts clients on a pre-bound listener and forwards each to the upstream.
 
-    Per-connection state lives on the DataBus, never here. ``spawn`` is a
-    bounded pool: beyond ``max_conns`` clients, new ones wait in the backlog.
+    A short-lived handler greenlet per client gets it an upstream connection
+    (which may wait: dial, pool); the session itself then runs on watchers
+    (``DataBus``) and the greenlet exits. Per-connection state lives on the
+    DataBus, never here. ``open`` counts clients from accept to close: at
+    ``max_conns`` the server stops accepting and new clients wait in the
+    kernel's backlog until one leaves.
     """
 
     def __init__(
@@ -57,7 +62,9 @@ class Proxy(StreamServer):
         connector: Connector,
         max_accept: int | None = None,
     ) -> None:
-        super().__init__(listener, spawn=Pool(config.max_conns))
+        self.handlers = Group()
+        # A bare spawn function (not a Pool): the limit is ours, over whole sessions.
+        super().__init__(listener, spawn=self.handlers.spawn)
         if max_accept:
             self.max_accept = max_accept
         self.config = config
@@ -65,29 +72,51 @@ class Proxy(StreamServer):
         self.connector = connector
         self.upstream_errors = RepeatFilter(log)
         self.sessions: set[DataBus] = set()
+        self.open = 0
+        self._all_closed = Event()
+        self._all_closed.set()
 
+    # -- admission (BaseServer hooks) ----------------------------------------
+    def full(self) -> bool:
+        return self.open >= self.config.max_conns
+
+    def do_handle(self, client: socket, address: tuple) -> None:
+        self.open += 1
+        self._all_closed.clear()
+        try:
+            super().do_handle(client, address)
+        except BaseException:
+            self._closed(client)
+            raise
+
+    def do_close(self, *args) -> None:
+        """Called when ``handle`` returns: the session, not the handler, closes the client."""
+
+    # -- per client --------------------------------------------------------------
     def handle(self, client: socket, address: tuple) -> None:
-        """Serve one client to the end; closes both sockets whatever happens."""
+        """Get an upstream for one client and start its session (or close the client)."""
         stats, config = self.stats, self.config
         stats.connection_opened()
         started = time.monotonic()
         peer = _peer(address)
-        bus = upstream = None
-        how = UNREACHABLE
+        how = "shut down"  # if the drain kills us while we wait for an upstream
         try:
-            try:
-                client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-            except OSError:
-                pass  # the client is already gone: the first recv will say so
-            try:
-                upstream = self.connector.acquire()
-            except UpstreamError as exc:
-                stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
-                if isinstance(exc, PoolExhausted):
-                    how = POOL_BUSY
-                # Keyed by kind, so a burst of one does not hide the first report of the other.
-                self.upstream_errors.warn(type(exc).__name__, "%s: %s" % (peer, exc))
-                return
+            client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the client is already gone: the first read will say so
+        try:
+            upstream = self.connector.acquire()
+        except UpstreamError as exc:
+            stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
+            how = POOL_BUSY if isinstance(exc, PoolExhausted) else UNREACHABLE
+            # Keyed by kind, so a burst of one does not hide the first report of the other.
+            self.upstream_errors.warn(type(exc).__name__, "%s: %s" % (peer, exc))
+            self._closed(client, peer, how, started)
+            return
+        except BaseException:
+            self._closed(client, peer, how, started)
+            raise
+        try:
             bus = DataBus(
                 client,
                 upstream,
@@ -95,19 +124,45 @@ class Proxy(StreamServer):
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
                 keep_upstream=self.connector.reuses,
+                peer=peer,
             )
-            self.sessions.add(bus)
-            how = "shut down"  # if killed by the drain before run() returns
-            how = bus.run()
-        finally:
-            if bus is not None:
-                self.sessions.discard(bus)
-                if upstream is not None:
-                    self.connector.release(upstream, bus.clean and how == bus.ending)
-            client.close()
-            stats.connection_closed()
+        except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
+            self.connector.release(upstream, False)
+            self._closed(client, peer, "error: %s" % exc, started)
+            return
+        bus.started = started
+        self.sessions.add(bus)
+        bus.start(self._session_ended)
+
+    def _session_ended(self, bus: DataBus) -> None:
+        """DataBus end callback, in the hub: release the upstream, close the client."""
+        self.sessions.discard(bus)
+        self.connector.release(bus.upstream, bus.clean)
+        self._closed(bus.client, bus.peer, bus.ending, bus.started, bus)
+
+    def _closed(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
+                bus: DataBus | None = None) -> None:  # fmt: skip
+        client.close()
+        if peer:
+            self.stats.connection_closed()
             if log.isEnabledFor(logging.INFO):
-                _log_close(peer, how, time.monotonic() - started, bus)
+                _log_close(peer, how or "?", time.monotonic() - started, bus)
+        self.open -= 1
+        if self.open <= 0:
+            self._all_closed.set()
+        elif self.open == self.config.max_conns - 1:
+            self._start_accepting_if_started()  # a place is free again
+
+    # -- drain ---------------------------------------------------------------------
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait until every client is closed; False if ``timeout`` ran out first."""
+        return self._all_closed.wait(timeout)
+
+    def close_sessions(self) -> None:
+        """End every session and handler now (the grace period is over)."""
+        self.handlers.kill(timeout=1)
+        for bus in list(self.sessions):
+            bus.abort()
 
 
 def _peer(address: tuple) -> str:

@@ -125,10 +125,11 @@ def proxy_for():
     yield make
     for d in made:
         d.shutdown()
-    # Nothing may outlive a test: no handler greenlet, no session object.
+    # Nothing may outlive a test: no handler greenlet, no session, no open client.
     for d in made:
-        assert len(d.proxy.pool) == 0, "handler greenlets left: %d" % len(d.proxy.pool)
-        assert not d.proxy.sessions
+        assert len(d.proxy.handlers) == 0, "handler greenlets left: %d" % len(d.proxy.handlers)
+        assert not d.proxy.sessions, "sessions left: %r" % d.proxy.sessions
+        assert d.proxy.open == 0, "clients still open: %d" % d.proxy.open
     # ...and no greenlet still running fooproxy code (a pump, a handler, a timer loop).
     gc.collect()
     running = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and _in_fooproxy(g)]
