@@ -24,7 +24,8 @@ for the server's EOF):
   down and the session ends.
 
 At the end every watcher is closed and ``on_end(bus)`` runs, in the hub: it
-must not block. The DataBus closes no socket: the caller owns both.
+must not block. The DataBus closes no socket: the caller owns both, and closes
+them (or pools the upstream, when ``clean``) in ``on_end``.
 """
 
 from __future__ import annotations
@@ -269,12 +270,13 @@ class DataBus:
 
     def _client_eof(self) -> None:
         self.client_eof = True
+        if self.answered:
+            self.finish(CLIENT_CLOSED)  # the common case; closing the upstream says the rest
+            return
         self.c2s_flow.reader.stop()
         if not self.keep_upstream:
             _shutdown(self.upstream, _SHUT_WR)  # pass the half-close on
-        if self.answered:
-            self.finish(CLIENT_CLOSED)
-        elif self.linger > 0:
+        if self.linger > 0:
             self.s2c_flow.watch_answers = True
             self._timer(self.linger, self._linger_over)
         else:
@@ -319,9 +321,6 @@ class DataBus:
         self._on_end = None
         if self.ending is None:
             self.ending = how
-        if self.ending != CLIENT_CLOSED or not self.keep_upstream:
-            # Not going back to a pool: make sure the server sees the end too.
-            _shutdown(self.upstream, _SHUT_RDWR)
         self.c2s_flow.close()
         self.s2c_flow.close()
         for timer in self._timers:
