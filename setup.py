@@ -1,4 +1,5 @@
 """Packaging for fooproxy: the proxy, its harness peers and test driver."""
+
 from setuptools import find_packages, setup
 
 setup(

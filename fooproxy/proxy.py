@@ -12,10 +12,10 @@ from gevent.server import StreamServer
 from gevent.socket import socket
 
 from fooproxy.config import Config
-from fooproxy.databus import DataBus
+from fooproxy.databus import SHUT_DOWN, DataBus
 from fooproxy.pool import PoolExhausted
 from fooproxy.stats import Stats
-from fooproxy.upstream import Connector, UpstreamError
+from fooproxy.upstream import Connector, Dial, UpstreamError
 
 log = logging.getLogger("fooproxy.proxy")
 
@@ -46,9 +46,11 @@ class RepeatFilter:
 class Proxy(StreamServer):
     """Accepts clients on a pre-bound listener and forwards each to the upstream.
 
-    A short-lived handler greenlet per client gets it an upstream connection
-    (which may wait: dial, pool); the session itself then runs on watchers
-    (``DataBus``) and the greenlet exits. Per-connection state lives on the
+    Without a pool, the upstream is dialled from the accept callback on
+    watchers (``Dial``) and the session runs on watchers (``DataBus``): no
+    greenlet per client. With a pool (which may queue a client) or before the
+    address is resolved, a short-lived handler greenlet gets the upstream and
+    exits once the session has started. Per-connection state lives on the
     DataBus, never here. ``open`` counts clients from accept to close: at
     ``max_conns`` the server stops accepting and new clients wait in the
     kernel's backlog until one leaves.
@@ -72,19 +74,26 @@ class Proxy(StreamServer):
         self.connector = connector
         self.upstream_errors = RepeatFilter(log)
         self.sessions: set[DataBus] = set()
+        self.dialing: set[Dial] = set()
         self.open = 0
         self._all_closed = Event()
         self._all_closed.set()
+        connector.prepare()
 
     # -- admission (BaseServer hooks) ----------------------------------------
     def full(self) -> bool:
         return self.open >= self.config.max_conns
 
     def do_handle(self, client: socket, address: tuple) -> None:
+        """In the accept callback: dial from here, or spawn ``handle`` when that may wait."""
         self.open += 1
         self._all_closed.clear()
+        connector = self.connector
         try:
-            super().do_handle(client, address)
+            if connector.reuses or not connector.resolved:
+                super().do_handle(client, address)  # the pool may queue us; DNS needs a greenlet
+            else:
+                self._dial(client, address)  # no greenlet at all: the common, unpooled case
         except BaseException:
             self._closed(client)
             raise
@@ -94,33 +103,56 @@ class Proxy(StreamServer):
 
     # -- per client --------------------------------------------------------------
     def handle(self, client: socket, address: tuple) -> None:
-        """Get an upstream for one client and start its session (or close the client)."""
-        stats, config = self.stats, self.config
-        stats.connection_opened()
-        started = time.monotonic()
-        peer = _peer(address)
-        how = "shut down"  # if the drain kills us while we wait for an upstream
+        """Get an upstream for one client, in a greenlet, and start its session."""
+        peer, started = self._accepted(client, address)
+        try:
+            upstream = self.connector.acquire()
+        except UpstreamError as exc:
+            self._no_upstream(client, peer, started, exc)
+            return
+        except BaseException:  # killed by the drain while waiting
+            self._closed(client, peer, SHUT_DOWN, started)
+            raise
+        self._begin(client, peer, started, upstream)
+
+    def _dial(self, client: socket, address: tuple) -> None:
+        peer, started = self._accepted(client, address)
+
+        def connected(upstream: socket | None, exc: UpstreamError | None) -> None:
+            self.dialing.discard(dial)
+            if upstream is not None:
+                self._begin(client, peer, started, upstream)
+            elif exc is not None:
+                self._no_upstream(client, peer, started, exc)
+            else:  # cancelled by the drain
+                self._closed(client, peer, SHUT_DOWN, started)
+
+        dial = self.connector.dial(connected)
+        if not dial.finished:
+            self.dialing.add(dial)
+
+    def _accepted(self, client: socket, address: tuple) -> tuple[str, float]:
+        self.stats.connection_opened()
         try:
             client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
         except OSError:
             pass  # the client is already gone: the first read will say so
-        try:
-            upstream = self.connector.acquire()
-        except UpstreamError as exc:
-            stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
-            how = POOL_BUSY if isinstance(exc, PoolExhausted) else UNREACHABLE
-            # Keyed by kind, so a burst of one does not hide the first report of the other.
-            self.upstream_errors.warn(type(exc).__name__, "%s: %s" % (peer, exc))
-            self._closed(client, peer, how, started)
-            return
-        except BaseException:
-            self._closed(client, peer, how, started)
-            raise
+        return _peer(address), time.monotonic()
+
+    def _no_upstream(self, client: socket, peer: str, started: float, exc: UpstreamError) -> None:
+        self.stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
+        how = POOL_BUSY if isinstance(exc, PoolExhausted) else UNREACHABLE
+        # Keyed by kind, so a burst of one does not hide the first report of the other.
+        self.upstream_errors.warn(type(exc).__name__, "%s: %s" % (peer, exc))
+        self._closed(client, peer, how, started)
+
+    def _begin(self, client: socket, peer: str, started: float, upstream: socket) -> None:
+        config = self.config
         try:
             bus = DataBus(
                 client,
                 upstream,
-                stats,
+                self.stats,
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
                 keep_upstream=self.connector.reuses,
@@ -161,6 +193,8 @@ class Proxy(StreamServer):
     def close_sessions(self) -> None:
         """End every session and handler now (the grace period is over)."""
         self.handlers.kill(timeout=1)
+        for dial in list(self.dialing):
+            dial.cancel()
         for bus in list(self.sessions):
             bus.abort()
 

@@ -129,6 +129,7 @@ def proxy_for():
     for d in made:
         assert len(d.proxy.handlers) == 0, "handler greenlets left: %d" % len(d.proxy.handlers)
         assert not d.proxy.sessions, "sessions left: %r" % d.proxy.sessions
+        assert not d.proxy.dialing, "upstream dials left: %r" % d.proxy.dialing
         assert d.proxy.open == 0, "clients still open: %d" % d.proxy.open
     # ...and no greenlet still running fooproxy code (a pump, a handler, a timer loop).
     gc.collect()

@@ -104,13 +104,30 @@ def test_connector_times_out_on_a_blackhole(blackhole):
 @pytest.mark.parametrize("pool_size", [0, 2])
 def test_connect_timeout_closes_the_client_and_keeps_serving(blackhole, proxy_for, pool_size):
     d = proxy_for(blackhole, connect_timeout=0.3, pool_size=pool_size)
+    for n in (1, 2):
+        t0 = time.monotonic()
+        c = connect(d.address)
+        c.sendall(b"REQ 1 a\n")
+        assert closed_by_proxy(c)
+        assert 0.25 <= time.monotonic() - t0 < 2
+        assert wait_until(lambda: totals(d)["upstream_errors"] == n)
+        assert totals(d)["connections_active"] == 0 and totals(d)["pool_open"] == 0
+
+
+@pytest.mark.parametrize("pool_size", [0, 2])
+def test_drain_closes_clients_still_waiting_for_their_upstream(blackhole, proxy_for, pool_size):
+    d = proxy_for(blackhole, connect_timeout=30, pool_size=pool_size, grace=0.2)
+    clients = [connect(d.address) for _ in range(3)]
+    assert wait_until(lambda: totals(d)["connections_active"] == 3)
+    # Unpooled: three dials on watchers; pooled: two handlers dialling, one queued.
+    assert (len(d.proxy.dialing), len(d.proxy.handlers)) == ((3, 0) if pool_size == 0 else (0, 3))
     t0 = time.monotonic()
-    c = connect(d.address)
-    c.sendall(b"REQ 1 a\n")
-    assert closed_by_proxy(c)
-    assert 0.25 <= time.monotonic() - t0 < 2
-    assert wait_until(lambda: totals(d)["upstream_errors"] == 1)
-    assert totals(d)["connections_active"] == 0 and totals(d)["pool_open"] == 0
+    d.shutdown()  # the fixture then checks that no dial, handler or session is left
+    assert time.monotonic() - t0 < 5
+    for c in clients:
+        assert closed_by_proxy(c)
+    assert totals(d)["connections_active"] == 0
+    assert totals(d)["upstream_errors"] == 0  # shut down, not "unreachable"
 
 
 # --- -idle-timeout -------------------------------------------------------------
