@@ -38,8 +38,8 @@ demo: $(STAMP)  ## the whole product in one command
 	$(BIN)/foo-harness demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check fooproxy harness tests
-	$(BIN)/ruff format --check fooproxy harness tests
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 tox: $(STAMP)
 	$(BIN)/pip install 'tox>=4,<5'

@@ -110,7 +110,7 @@ def test_connect_timeout_closes_the_client_and_keeps_serving(blackhole, proxy_fo
         c.sendall(b"REQ 1 a\n")
         assert closed_by_proxy(c)
         assert 0.25 <= time.monotonic() - t0 < 2
-        assert wait_until(lambda: totals(d)["upstream_errors"] == n)
+        assert wait_until(lambda n=n: totals(d)["upstream_errors"] == n)
         assert totals(d)["connections_active"] == 0 and totals(d)["pool_open"] == 0
 
 
