@@ -118,8 +118,11 @@ class Proxy(StreamServer):
     def _dial(self, client: socket, address: tuple) -> None:
         peer, started = self._accepted(client, address)
 
+        pending: list[Dial] = []  # the Dial may report before it is returned to us
+
         def connected(upstream: socket | None, exc: UpstreamError | None) -> None:
-            self.dialing.discard(dial)
+            if pending:
+                self.dialing.discard(pending[0])
             if upstream is not None:
                 self._begin(client, peer, started, upstream)
             elif exc is not None:
@@ -129,6 +132,7 @@ class Proxy(StreamServer):
 
         dial = self.connector.dial(connected)
         if not dial.finished:
+            pending.append(dial)
             self.dialing.add(dial)
 
     def _accepted(self, client: socket, address: tuple) -> tuple[str, float]:

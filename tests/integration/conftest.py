@@ -16,8 +16,10 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from fooproxy.config import Address, Config
+from fooproxy.databus import DataBus, Flow
 from fooproxy.dispatcher import Dispatcher
 from fooproxy.stats import Stats
+from fooproxy.upstream import Dial
 
 
 class MiniServer:
@@ -131,8 +133,11 @@ def proxy_for():
         assert not d.proxy.sessions, "sessions left: %r" % d.proxy.sessions
         assert not d.proxy.dialing, "upstream dials left: %r" % d.proxy.dialing
         assert d.proxy.open == 0, "clients still open: %d" % d.proxy.open
-    # ...and no greenlet still running fooproxy code (a pump, a handler, a timer loop).
+    # ...no session or dial object kept alive by a watcher left behind...
     gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, (DataBus, Flow, Dial))]
+    assert not alive, "session objects still referenced: %r" % alive[:5]
+    # ...and no greenlet still running fooproxy code (a handler, a timer loop).
     running = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and _in_fooproxy(g)]
     assert not running, "greenlets left running fooproxy code: %r" % running
 
