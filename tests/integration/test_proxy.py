@@ -6,6 +6,7 @@ import socket as _stdsocket
 
 import gevent
 from conftest import connect, read_lines, wait_until
+from gevent import socket
 
 from fooproxy import databus
 from fooproxy.config import Address
@@ -221,3 +222,31 @@ def test_drain_closes_sessions_after_grace(mini_server, proxy_for):
 
 def test_close_reasons_are_named():
     assert databus.CLIENT_CLOSED and databus.UPSTREAM_CLOSED and databus.IDLE
+
+
+def test_a_client_that_does_not_read_holds_back_the_server_not_the_proxy(mini_server, proxy_for):
+    """Backpressure: with the client not reading, the proxy keeps at most one chunk and
+    stops reading the server; once the client reads, every answer arrives in order."""
+    srv = mini_server()
+    d = proxy_for(srv.address, idle_timeout=0)
+    n = 50_000  # ~600 KB of answers: far more than the small buffers below can hold
+    c = socket.socket()
+    c.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_RCVBUF, 4096)
+    c.settimeout(10)
+    c.connect((d.address[0], d.address[1]))
+    assert wait_until(lambda: d.proxy.sessions and srv.sockets)
+    bus = next(iter(d.proxy.sessions))
+    # Fixed small buffers (no autotuning) so that the stall comes after a few KB, not MBs.
+    bus.client.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, 8192)
+    srv.sockets[0].setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_SNDBUF, 8192)
+    writer = gevent.spawn(c.sendall, b"".join(b"REQ %d a\n" % i for i in range(n)))
+    back = bus.s2c_flow
+    assert wait_until(lambda: back.unsent is not None and not back.reader.active, timeout=10)
+    gevent.sleep(0.2)  # let whatever can still move, move: the hold must persist
+    assert back.unsent is not None and len(back.unsent) <= databus.BUFSIZE
+    assert bus.bytes_s2c < 14 * n // 2  # the server's answers wait upstream, not in the proxy
+    lines = read_lines(c, n, timeout=20)
+    writer.get(timeout=10)
+    assert lines == [b"ACK %d ok" % i for i in range(n)]
+    assert wait_until(lambda: totals(d)["msg_ack"] == n and totals(d)["msg_req"] == n)
+    c.close()
