@@ -123,12 +123,18 @@ class Proxy(StreamServer):
         def connected(upstream: socket | None, exc: UpstreamError | None) -> None:
             if pending:
                 self.dialing.discard(pending[0])
-            if upstream is not None:
-                self._begin(client, peer, started, upstream)
-            elif exc is not None:
-                self._no_upstream(client, peer, started, exc)
-            else:  # cancelled by the drain
-                self._closed(client, peer, SHUT_DOWN, started)
+            try:
+                if upstream is not None:
+                    self._begin(client, peer, started, upstream)
+                elif exc is not None:
+                    self._no_upstream(client, peer, started, exc)
+                else:  # cancelled by the drain
+                    self._closed(client, peer, SHUT_DOWN, started)
+            except Exception:  # a bug: in the hub nobody else would close this client
+                log.exception("%s: starting the session failed", peer)
+                if upstream is not None:
+                    upstream.close()
+                self._closed(client, peer, "error: internal", started)
 
         dial = self.connector.dial(connected)
         if not dial.finished:
