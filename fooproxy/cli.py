@@ -33,6 +33,9 @@ Options:
                              disables [default: .data/recovery.json].
   --workers N                Worker processes sharing the listen port; "auto" = one per
                              core [default: 1].
+  --heartbeat-timeout SECONDS
+                             With workers: a worker whose heartbeat stops for this long
+                             (hub stuck, process stopped) is killed and replaced [default: 10].
   --pool-size N              Keep up to N upstream connections and reuse clean ones;
                              0 = one upstream connection per client [default: 0].
   --pool-wait SECONDS        With a pool, how long a new client may wait for an upstream

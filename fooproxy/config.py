@@ -88,6 +88,8 @@ def optional(text: str) -> str | None:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Workers stamp a heartbeat every 0.5 s (workers.HEARTBEAT_INTERVAL): allow at least two.
+MIN_HEARTBEAT_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class Config:
     pool_idle: float = 60.0
     health_interval: float = 2.0
     workers: int = 1
+    heartbeat_timeout: float = 10.0
     #: Set in a worker process started by the master: its slot number.
     worker_id: int | None = None
 
@@ -126,6 +129,9 @@ class Config:
         else:
             workers = positive_int(workers_s, "-workers")
         worker_id = opts.get("--worker-id")
+        heartbeat = positive_float(opts["--heartbeat-timeout"], "-heartbeat-timeout", allow_zero=False)
+        if heartbeat < MIN_HEARTBEAT_TIMEOUT:
+            raise ConfigError("-heartbeat-timeout: at least %g seconds, got %r" % (MIN_HEARTBEAT_TIMEOUT, heartbeat))
         return cls(
             listen=parse_address(opts["--listen"], "-listen", allow_port_zero=True),
             forward=parse_address(opts["--forward"], "-forward"),
@@ -142,5 +148,6 @@ class Config:
             pool_idle=positive_float(opts["--pool-idle"], "-pool-idle", allow_zero=False),
             health_interval=positive_float(opts["--health-interval"], "-health-interval", allow_zero=False),
             workers=workers,
+            heartbeat_timeout=heartbeat,
             worker_id=positive_int(worker_id, "--worker-id", allow_zero=True) if worker_id else None,
         )

@@ -168,8 +168,9 @@ class UpstreamPool(Connector):
     def close(self) -> None:
         """Close idle connections, fail waiters; in-use ones are closed when released.
 
-        (Closing a socket a session still reads would give it EBADF, gevent #800:
-        the drain ends sessions first, then closes the pool.)
+        (Closing a socket a session still watches would leave its watcher on a
+        dead, maybe reused, descriptor: the drain ends sessions first, then
+        closes the pool.)
         """
         if self._closed:
             return

@@ -78,7 +78,7 @@ SHM_FD_ENV = "FOOPROXY_WORKER_SHM_FD"
 MASTER_PID_ENV = "FOOPROXY_MASTER_PID"
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between a worker's heartbeat stamps
-HEARTBEAT_TIMEOUT = 10.0  # a worker silent this long is killed and replaced
+HEARTBEAT_TIMEOUT = 10.0  # default of -heartbeat-timeout: a worker silent this long is replaced
 START_TIMEOUT = 30.0  # a worker must be accepting this soon after it was started
 STOP_MARGIN = 5.0  # beyond -grace, how long the master waits for draining workers
 
@@ -463,4 +463,4 @@ def run_worker(config: Config) -> int:
 
 def run_master(config: Config, argv: list[str]) -> int:
     """Entry point of ``fooproxy -workers N`` with N > 1."""
-    return Master(config, argv).run()
+    return Master(config, argv, heartbeat_timeout=config.heartbeat_timeout).run()

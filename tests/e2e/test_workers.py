@@ -239,10 +239,12 @@ def test_idle_worker_killed_keeps_its_counts_exactly(procs, server: tasks.Servic
 
 
 def test_stuck_worker_is_killed_and_replaced(procs, server: tasks.Service, peers) -> None:
-    proxy = start_proxy(procs, server)
+    proxy = start_proxy(procs, server, "-heartbeat-timeout", "2")
     victim = workers_of(proxy)[0]
     os.kill(victim, signal.SIGSTOP)  # a hub that never comes back
+    t0 = time.monotonic()
     proxy.wait_for_output(r"pid %d\): no heartbeat for" % victim, timeout=20)
+    assert time.monotonic() - t0 < 8  # the flag, not the 10 s default, decided
     proxy.wait_for_output(READY_AGAIN, timeout=15)
     assert not running(victim)
     results = tasks.run_clients_parallel(proxy.address, 10, peers=peers)

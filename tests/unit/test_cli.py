@@ -52,11 +52,13 @@ def test_bad_addresses(text):
 def test_every_flag_in_usage_parses():
     cfg = parse(
         "-http off -recovery-path off -workers 2 -pool-size 4 -pool-wait 1.5 -pool-idle 30 -max-conns 50 "
-        "-connect-timeout 2 -idle-timeout 0 -linger 1 -grace 3 -health-interval 1 -log-level DEBUG".split()
+        "-connect-timeout 2 -idle-timeout 0 -linger 1 -grace 3 -health-interval 1 -log-level DEBUG "
+        "-heartbeat-timeout 2.5".split()
     )
     assert cfg.http is None and cfg.recovery_path is None
     assert (cfg.workers, cfg.pool_size, cfg.pool_wait, cfg.max_conns) == (2, 4, 1.5, 50)
     assert (cfg.idle_timeout, cfg.linger, cfg.grace, cfg.log_level) == (0.0, 1.0, 3.0, "debug")
+    assert cfg.heartbeat_timeout == 2.5 and parse([]).heartbeat_timeout == 10.0
 
 
 def test_workers_auto_is_cores():
@@ -78,6 +80,7 @@ def test_workers_auto_is_cores():
         (["-max-conns", "many"], "-max-conns"),
         (["-log-level", "loud"], "-log-level"),
         (["-connect-timeout", "0"], "-connect-timeout"),
+        (["-heartbeat-timeout", "0.5"], "-heartbeat-timeout"),  # under two 0.5 s heartbeats
         (["-http", "127.0.0.1:http"], "-http"),
         (["-forward"], "forward"),
     ],
