@@ -168,6 +168,15 @@ def read_lines(sock, n: int, timeout: float = 5.0) -> list[bytes]:
     return buf.split(b"\n")[:n] if buf.count(b"\n") >= n else buf.split(b"\n")
 
 
+def closed_by_proxy(c, timeout: float = 5.0) -> bool:
+    """The proxy closed this client: EOF (or a reset) within ``timeout``."""
+    c.settimeout(timeout)
+    try:
+        return c.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
 def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
     """Poll a condition cooperatively with a deadline (readiness, not a fixed sleep)."""
     with gevent.Timeout(timeout, False):

@@ -8,7 +8,7 @@ import time
 
 import gevent
 import pytest
-from conftest import connect, read_lines, wait_until
+from conftest import closed_by_proxy, connect, read_lines, wait_until
 from gevent import socket
 from gevent.event import Event
 from gevent.server import StreamServer
@@ -29,14 +29,6 @@ def silent_for(c, seconds: float) -> bool:
     except TimeoutError:
         return True
     return False
-
-
-def closed_by_proxy(c, timeout: float = 5.0) -> bool:
-    c.settimeout(timeout)
-    try:
-        return c.recv(100) == b""
-    except ConnectionResetError:
-        return True
 
 
 # --- -max-conns --------------------------------------------------------------

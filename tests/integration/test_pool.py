@@ -9,7 +9,7 @@ import time
 
 import gevent
 import gevent.pool
-from conftest import connect, read_lines, wait_until
+from conftest import closed_by_proxy, connect, read_lines, wait_until
 
 from fooproxy.pool import UpstreamPool
 
@@ -31,15 +31,6 @@ def exchange(address, seqs, tag: bytes = b"x") -> list[bytes]:
         return read_lines(c, len(seqs))
     finally:
         c.close()
-
-
-def closed_by_proxy(c, timeout: float = 5.0) -> bool:
-    """The proxy closed this client: EOF (or a reset) within ``timeout``."""
-    c.settimeout(timeout)
-    try:
-        return c.recv(100) == b""
-    except ConnectionResetError:
-        return True
 
 
 def peer_closed(server_sock) -> bool:
