@@ -62,13 +62,37 @@ drain and exit (a second one exits at once).
 _FLAG_RE = re.compile(r"^-([a-z][a-z0-9-]+)(=.*)?$")
 
 
+_VALUED = frozenset(re.findall(r"^  (--[a-z-]+) [A-Z]", USAGE, re.M))  # flags that take a value
+
+
 def normalise(argv: list[str]) -> list[str]:
-    """Rewrite Go-style ``-flag`` / ``-flag=v`` to ``--flag`` / ``--flag=v``."""
+    """Rewrite Go-style ``-flag`` / ``-flag=v`` to ``--flag`` / ``--flag=v``.
+
+    A flag given twice keeps its last value, as Go's ``flag`` package does
+    (docopt alone would reject the repeat).
+    """
     out = []
     for arg in argv:
         m = _FLAG_RE.match(arg)
         out.append("--" + arg[1:] if m and arg != "-h" else arg)
-    return out
+    return _last_wins(out)
+
+
+def _last_wins(args: list[str]) -> list[str]:
+    groups: list[list[str]] = []  # one per flag with its value, or a lone token
+    where: dict[str, int] = {}  # flag -> index of its group in effect
+    i = 0
+    while i < len(args):
+        name = args[i].split("=", 1)[0]
+        take = 1
+        if name in _VALUED:
+            take = 1 if "=" in args[i] or i + 1 == len(args) else 2
+            if name in where:
+                groups[where[name]] = []  # an earlier value, overridden
+            where[name] = len(groups)
+        groups.append(args[i : i + take])
+        i += take
+    return [token for group in groups for token in group]
 
 
 def _flag_named(message: str, argv: list[str]) -> str:

@@ -110,3 +110,9 @@ def test_help_lists_every_flag_with_its_default():
 
 def test_normalise_leaves_values_alone():
     assert normalise(["-listen", ":1", "-grace", "-1", "-h"]) == ["--listen", ":1", "--grace", "-1", "-h"]
+
+
+def test_a_repeated_flag_keeps_its_last_value_as_in_go():
+    cfg = parse(["-log-level", "warning", "-grace=3", "-log-level=debug", "--grace", "4"])
+    assert (cfg.log_level, cfg.grace) == ("debug", 4.0)
+    assert normalise(["-grace", "1", "-h", "-grace=2"]) == ["-h", "--grace=2"]
