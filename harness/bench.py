@@ -20,6 +20,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +43,8 @@ Usage:
 Options:
   -h --help           Show this help and exit.
   --duration S        Seconds per load run (each workload runs twice) [default: 10].
+  --rounds N          Repeat the direct/proxied pair of each load workload N times,
+                      interleaved, and summarise the ratios (median, range) [default: 1].
   --only LIST         Workloads to run, comma-separated [default: W1,W2,W3,W4,W5,W6].
   --procs N           Load generator worker processes [default: 2].
   --idle-conns N      Connections held for W5 [default: 2000].
@@ -457,6 +460,28 @@ def table(runs: list[dict[str, Any]], extra: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per workload over its rounds: median and range of the ratios, median proxy µs/msg.
+
+    Needs ``table()`` to have set each proxied run's ``ratio``.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key in dict.fromkeys(r["workload"] for r in runs):
+        proxied = [r for r in runs if r["workload"] == key and r.get("ratio") is not None]
+        if not proxied:
+            continue
+        ratios = [r["ratio"] for r in proxied]
+        costs = [r["proxy_us_per_msg"] for r in proxied if r.get("proxy_us_per_msg")]
+        out[key] = {
+            "rounds": len(proxied),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+            "us_per_msg_median": round(statistics.median(costs), 2) if costs else 0.0,
+        }
+    return out
+
+
 def git_revision() -> str:
     """``HEAD``'s short hash, with ``-dirty`` when the tree has changes; ``unknown`` outside git."""
     try:
@@ -475,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = parse_cli(USAGE, ["bench", *(sys.argv[1:] if argv is None else argv)], "foo-harness bench")
     duration = float(opts["--duration"])
+    rounds = int(opts["--rounds"])
+    if rounds < 1:
+        sys.stderr.write("foo-harness bench: --rounds: expected a positive number, got %r\n" % opts["--rounds"])
+        return 2
     procs = int(opts["--procs"])
     only = {w.strip().upper() for w in opts["--only"].split(",") if w.strip()}
     proxy_args = shlex.split(opts["--proxy-args"] or "")
@@ -500,14 +529,20 @@ def main(argv: list[str] | None = None) -> int:
     if proxy_cmd:
         say("proxy command: %s" % " ".join(proxy_cmd))
     runs: list[dict[str, Any]] = []
-    for load in LOADS:
-        if load.key not in only:
-            continue
-        for via_proxy in (False, True):
-            say("  %s %s %s ..." % (load.key, load.title, "through fooproxy" if via_proxy else "direct"), flush=True)
-            runs.append(
-                load_run(load, peers, via_proxy, duration, procs, proxy_args, opts["--py-spy"], monitor, proxy_cmd)
-            )
+    # Rounds go over all workloads before repeating, so a slow drift of the
+    # machine spreads over every workload instead of landing on one.
+    for rnd in range(1, rounds + 1):
+        for load in LOADS:
+            if load.key not in only:
+                continue
+            for via_proxy in (False, True):
+                where = "through fooproxy" if via_proxy else "direct"
+                of = " (round %d of %d)" % (rnd, rounds) if rounds > 1 else ""
+                say("  %s %s %s%s ..." % (load.key, load.title, where, of), flush=True)
+                spy = opts["--py-spy"]
+                rec = load_run(load, peers, via_proxy, duration, procs, proxy_args, spy, monitor, proxy_cmd)
+                rec["round"] = rnd
+                runs.append(rec)
     extra = None
     if only & {"W5", "W6"}:
         say("  W6 idle CPU%s ..." % (" and W5 memory" if "W5" in only else ""), flush=True)
@@ -523,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     say()
     say(table(runs, extra))
+    summary = summarise(runs) if rounds > 1 else {}
+    for key, row in summary.items():
+        say(
+            "%s over %d rounds: ratio median %.2f (%.2f-%.2f), proxy µs/msg median %.1f"
+            % (key, row["rounds"], row["ratio_median"], row["ratio_min"], row["ratio_max"], row["us_per_msg_median"])
+        )
     problems = [(r["workload"] + " " + r["path"], p) for r in runs for p in r["problems"]]
     problems += [("W5/W6", p) for p in (extra or {}).get("problems", [])]
     for where, problem in problems:
@@ -540,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         "proxy_args": proxy_args,
         "gevent_monitor_thread": monitor,
         "proxy_cmd": proxy_cmd,
+        "rounds": rounds,
         "runs": runs,
+        "summary": summary,
         "idle_and_memory": extra,
         "ok": not problems,
     }

@@ -67,3 +67,18 @@ def test_bench_quick_run_writes_json(tmp_path) -> None:
     proxied = doc["runs"][1]
     assert proxied["errors"] == 0 and proxied["proxy_us_per_msg"] > 0
     assert proxied["proxy_counts"]["msg_req"] == proxied["load"]["sent"]
+
+
+@pytest.mark.slow
+def test_bench_rounds_interleave_and_summarise(tmp_path) -> None:
+    cmd = [sys.executable, "-m", "harness.cli", "bench", "--duration", "0.5", "--only", "W2", "--rounds", "2"]
+    cmd += ["--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("*.json")
+    doc = json.loads(path.read_text())
+    assert [(r["round"], r["path"]) for r in doc["runs"]] == [(1, "direct"), (1, "proxy"), (2, "direct"), (2, "proxy")]
+    ratios = [r["ratio"] for r in doc["runs"] if r["path"] == "proxy"]
+    row = doc["summary"]["W2"]
+    assert row["rounds"] == 2 and (row["ratio_min"], row["ratio_max"]) == (min(ratios), max(ratios))
+    assert "W2 over 2 rounds: ratio median" in proc.stdout
