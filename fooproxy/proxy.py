@@ -136,7 +136,12 @@ class Proxy(StreamServer):
                     upstream.close()
                 self._closed(client, peer, "error: internal", started)
 
-        dial = self.connector.dial(connected)
+        try:
+            dial = self.connector.dial(connected)
+        except Exception as exc:  # not a connect failure (those are reported): a bug, said once here
+            log.exception("%s: cannot start the upstream connect", peer)
+            self._closed(client, peer, "error: %s" % exc, started)
+            return
         if not dial.finished:
             pending.append(dial)
             self.dialing.add(dial)
