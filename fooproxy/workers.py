@@ -29,7 +29,7 @@ Failures:
   not zeroed: the replacement continues from its counts, so nothing it
   forwarded is lost. Only the gauges of the dead process (open connections,
   pool, heartbeat) are reset, since those connections died with it.
-* A worker whose heartbeat is older than ``heartbeat_timeout`` (hub stuck or
+* A worker whose heartbeat is older than ``-heartbeat-timeout`` (hub stuck or
   process stopped) is killed with SIGKILL and replaced.
 * Workers exit when the master dies: PR_SET_PDEATHSIG sends them SIGTERM
   (they drain, as for any SIGTERM), and each also checks ``getppid()`` at
@@ -78,7 +78,6 @@ SHM_FD_ENV = "FOOPROXY_WORKER_SHM_FD"
 MASTER_PID_ENV = "FOOPROXY_MASTER_PID"
 
 HEARTBEAT_INTERVAL = 0.5  # seconds between a worker's heartbeat stamps
-HEARTBEAT_TIMEOUT = 10.0  # default of -heartbeat-timeout: a worker silent this long is replaced
 START_TIMEOUT = 30.0  # a worker must be accepting this soon after it was started
 STOP_MARGIN = 5.0  # beyond -grace, how long the master waits for draining workers
 
@@ -183,14 +182,12 @@ class Master(Dispatcher):
         self,
         config: Config,
         argv: list[str],
-        heartbeat_timeout: float = HEARTBEAT_TIMEOUT,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         self.table = SlotTable.create(config.workers)
         super().__init__(config, Stats(block=self.table.base), snapshot_source=self._summed)
         #: The master's own flags, passed on to every worker.
         self.argv = list(argv)
-        self.heartbeat_timeout = heartbeat_timeout
         self.start_timeout = start_timeout
         self.slots = [_Slot(i) for i in range(config.workers)]
         self._stopping = Event()
@@ -318,7 +315,7 @@ class Master(Dispatcher):
                     continue
                 if self._check_ready(slot):
                     silent = (now - self.table.heartbeat_ns(slot.index)) / 1e9
-                    if silent <= self.heartbeat_timeout:
+                    if silent <= self.config.heartbeat_timeout:
                         continue
                     log.error("worker %d (pid %d): no heartbeat for %.1fs; killing it", slot.index, popen.pid, silent)
                 elif (now - slot.started_ns) / 1e9 > self.start_timeout:
@@ -463,4 +460,4 @@ def run_worker(config: Config) -> int:
 
 def run_master(config: Config, argv: list[str]) -> int:
     """Entry point of ``fooproxy -workers N`` with N > 1."""
-    return Master(config, argv, heartbeat_timeout=config.heartbeat_timeout).run()
+    return Master(config, argv).run()
