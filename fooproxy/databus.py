@@ -174,7 +174,7 @@ class DataBus:
 
     ``keep_upstream``: on client EOF leave the upstream open so that a pool can
     reuse it; ``clean`` then says whether it may be reused. ``peer`` and
-    ``started`` are for the caller's log line.
+    ``started`` (the client's accept time, default now) are for the caller's log line.
     """
 
     __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
@@ -191,6 +191,7 @@ class DataBus:
         idle_timeout: float = 0.0,
         keep_upstream: bool = False,
         peer: str = "",
+        started: float | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -204,7 +205,8 @@ class DataBus:
         self.upstream_eof = False
         self.ending: str | None = None
         self.peer = peer
-        self.started = self.last_active = time.monotonic()
+        self.last_active = time.monotonic()
+        self.started = self.last_active if started is None else started
         self._moved = 0
         self._timers: list = []
         self._on_end: Callable[[DataBus], None] | None = None

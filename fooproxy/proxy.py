@@ -172,12 +172,12 @@ class Proxy(StreamServer):
                 idle_timeout=config.idle_timeout,
                 keep_upstream=self.connector.reuses,
                 peer=peer,
+                started=started,
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             self.connector.release(upstream, False)
             self._closed(client, peer, "error: %s" % exc, started)
             return
-        bus.started = started
         self.sessions.add(bus)
         bus.start(self._session_ended)
 
