@@ -510,6 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     peers = choose_peers(opts["--python"])
     monitor = bool(opts["--monitor-thread"])
     proxy_cmd = shlex.split(opts["--proxy-cmd"]) if opts["--proxy-cmd"] else None
+    spy = opts["--py-spy"]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     say = print
     say(
@@ -539,7 +540,6 @@ def main(argv: list[str] | None = None) -> int:
                 where = "through fooproxy" if via_proxy else "direct"
                 of = " (round %d of %d)" % (rnd, rounds) if rounds > 1 else ""
                 say("  %s %s %s%s ..." % (load.key, load.title, where, of), flush=True)
-                spy = opts["--py-spy"]
                 rec = load_run(load, peers, via_proxy, duration, procs, proxy_args, spy, monitor, proxy_cmd)
                 rec["round"] = rnd
                 runs.append(rec)
