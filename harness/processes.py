@@ -104,7 +104,7 @@ class Process:
         self.stdout_path = self.log_dir / (stem + ".out")
         self.stderr_path = self.log_dir / (stem + ".err")
         self.popen: subprocess.Popen | None = None
-        self.stdout_offset = 0  # harness.stats reads stdout lines from here on
+        self.stdout_offset = 0  # harness.sigusr2 reads stdout lines from here on
         self.ready_match: re.Match | None = None
 
     # -- lifecycle --------------------------------------------------------

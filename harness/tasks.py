@@ -25,7 +25,7 @@ from typing import Any
 
 from harness.binaries import Peers, find_peers, fooproxy_command
 from harness.processes import Process, free_port
-from harness.stats import read_stats
+from harness.sigusr2 import read_stats
 
 HOST = "127.0.0.1"
 REQUESTS_PER_RUN = 100  # the reference client's fixed run
@@ -258,7 +258,7 @@ def run_clients_parallel(
 
 
 def signal_stats(proxy: Process, timeout: float = 5.0) -> dict[str, Any]:
-    """SIGUSR2 the proxy and return the stats JSON it prints (see ``harness.stats.read_stats``)."""
+    """SIGUSR2 the proxy and return the stats JSON it prints (see ``harness.sigusr2.read_stats``)."""
     return read_stats(proxy, timeout)
 
 

@@ -1,6 +1,6 @@
 """foo-server and foo-client over real sockets.
 
-The server runs as a subprocess (``python -m harness.server``) for the CLI-level
+The server runs as a subprocess (``python -m harness.peers.server``) for the CLI-level
 checks, in which case the test talks to it with plain blocking sockets, or
 in-process (``FooServer`` on port 0) with gevent sockets. Readiness is polled by
 connecting; negative checks ("no EOF arrives") use a short socket timeout.
@@ -29,9 +29,9 @@ except ModuleNotFoundError:  # an editable install made before harness/ existed
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fooproxy.config import Address
-from harness.answer import answer_for
-from harness.client import ClientOptions, run
-from harness.server import FooServer, make_listener
+from harness.peers.answer import answer_for
+from harness.peers.client import ClientOptions, run
+from harness.peers.server import FooServer, make_listener
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -61,7 +61,7 @@ class ServerProc:
         self.port = free_port()
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.server", "-listen", ":%d" % self.port, *flags],
+            [sys.executable, "-m", "harness.peers.server", "-listen", ":%d" % self.port, *flags],
             cwd=ROOT,
             env=ENV,
             stdout=subprocess.DEVNULL,
@@ -97,7 +97,7 @@ def start_server():
 
 def run_client(port: int, *flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "harness.client", "-connect", "127.0.0.1:%d" % port, *flags],
+        [sys.executable, "-m", "harness.peers.client", "-connect", "127.0.0.1:%d" % port, *flags],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -270,7 +270,7 @@ def test_signal_exits_zero_promptly_with_open_connections(start_server, sig):
 
 def test_bad_flag_exits_2():
     res = subprocess.run(
-        [sys.executable, "-m", "harness.server", "-nope"], cwd=ROOT, env=ENV, capture_output=True, timeout=30
+        [sys.executable, "-m", "harness.peers.server", "-nope"], cwd=ROOT, env=ENV, capture_output=True, timeout=30
     )
     assert res.returncode == 2 and b"unknown flag -nope" in res.stderr
 
@@ -278,7 +278,7 @@ def test_bad_flag_exits_2():
 def test_port_in_use_exits_1(start_server):
     srv = start_server()
     res = subprocess.run(
-        [sys.executable, "-m", "harness.server", "-listen", ":%d" % srv.port],
+        [sys.executable, "-m", "harness.peers.server", "-listen", ":%d" % srv.port],
         cwd=ROOT,
         env=ENV,
         capture_output=True,

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from harness.bench import choose_peers, start_proxy, start_server
-from harness.loadgen import LoadGen, LoadSpec
-from harness.stats import read_stats
+from harness.bench.bench import choose_peers, start_proxy, start_server
+from harness.bench.loadgen import LoadGen, LoadSpec
+from harness.sigusr2 import read_stats
 from harness.tasks import Service, local_address, split_address
 
 

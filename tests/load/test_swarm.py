@@ -1,7 +1,7 @@
 """A CI-sized locust swarm through fooproxy: zero failures, and the proxy's counts
 equal what locust counted, exactly.
 
-locust runs as a subprocess (``harness.swarm``); it is never imported here, since
+locust runs as a subprocess (``harness.bench.swarm``); it is never imported here, since
 importing it monkey-patches the test process.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.swarm import SwarmResult, check, report, swarm
+from harness.bench.swarm import SwarmResult, check, report, swarm
 
 
 @pytest.mark.slow

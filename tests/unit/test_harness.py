@@ -15,7 +15,7 @@ import pytest
 
 from harness import binaries, cli, tasks
 from harness.processes import Process, ProcessError, free_port
-from harness.stats import StatsError, read_stats
+from harness.sigusr2 import StatsError, read_stats
 
 
 # -- binaries -----------------------------------------------------------------
@@ -53,15 +53,15 @@ def test_python_peers_when_a_binary_is_missing_or_not_executable(tmp_path: Path,
     peers = binaries.find_peers({"FOO_BIN_DIR": str(tmp_path)})
     assert peers.kind == "python"
     assert "client-linux" in peers.describe() and "Python peers" in peers.describe()
-    assert peers.server[-1].endswith("foo-server") or peers.server[-1] == "harness.server"
-    assert peers.client[-1].endswith("foo-client") or peers.client[-1] == "harness.client"
+    assert peers.server[-1].endswith("foo-server") or peers.server[-1] == "harness.peers.server"
+    assert peers.client[-1].endswith("foo-client") or peers.client[-1] == "harness.peers.client"
 
 
 def test_python_peers_fall_back_to_python_m(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     peers = binaries.python_peers()
-    assert peers.server == (str(tmp_path / "python"), "-m", "harness.server")
-    assert peers.client == (str(tmp_path / "python"), "-m", "harness.client")
+    assert peers.server == (str(tmp_path / "python"), "-m", "harness.peers.server")
+    assert peers.client == (str(tmp_path / "python"), "-m", "harness.peers.client")
     assert binaries.fooproxy_command() == (str(tmp_path / "python"), "-m", "fooproxy")
 
 
@@ -251,9 +251,9 @@ def test_cli_help_and_errors(capsys: pytest.CaptureFixture) -> None:
 
 def test_cli_delegates_to_a_module_main(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    fake = types.ModuleType("harness.swarm")
+    fake = types.ModuleType("harness.bench.swarm")
     fake.main = lambda argv: seen.append(argv) or 3  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "harness.swarm", fake)
+    monkeypatch.setitem(sys.modules, "harness.bench.swarm", fake)
     assert cli.main(["swarm", "-users", "5"]) == 3
     assert seen == [["-users", "5"]]
 

@@ -17,10 +17,10 @@ except ModuleNotFoundError:  # an editable install made before harness/ existed
 
 from fooproxy.config import Address
 from fooproxy.protocol import MAX_LINE
-from harness import client, server
-from harness.answer import ERRDECODE, answer, answer_for, answer_hash, answer_type, check_answer, lie_about
-from harness.client import ALPHABET, BLOCK, Plan, _diagnose, request_data
-from harness.server import Answerer, format_peer, go_duration
+from harness.peers import client, server
+from harness.peers.answer import ERRDECODE, answer, answer_for, answer_hash, answer_type, check_answer, lie_about
+from harness.peers.client import ALPHABET, BLOCK, Plan, _diagnose, request_data
+from harness.peers.server import Answerer, format_peer, go_duration
 
 
 def reference(msg_type: bytes, seq: int, data: bytes) -> bytes:

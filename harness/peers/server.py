@@ -43,7 +43,7 @@ from gevent.server import StreamServer
 from fooproxy.cli import normalise
 from fooproxy.config import Address, ConfigError, parse_address
 from fooproxy.protocol import MAX_LINE
-from harness.answer import answer_for, lie_about
+from harness.peers.answer import answer_for, lie_about
 
 USAGE = """\
 foo-server: a Foo protocol server that answers like the reference server-linux.

@@ -2,7 +2,7 @@
 
 A benchmark, not a test. For each load workload (W1 pipelined, W2 lockstep,
 W3 fan-in, W4 churn) a fresh server, and for the second run a fresh fooproxy
-in front of it, get the same ``harness.loadgen`` load for ``--duration``
+in front of it, get the same ``harness.bench.loadgen`` load for ``--duration``
 seconds; W5 holds idle connections through the proxy and reads its RSS; W6
 reads the idle proxy's CPU. For every run: msgs/s (REQs + answers), p50/p99
 latency, errors, the CPU seconds of the load generator, the proxy and the
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.bench.loadgen import LoadGen, LoadResult, LoadSpec
 from harness.binaries import REFERENCE, Peers, find_peers, fooproxy_command, python_peers
-from harness.loadgen import LoadGen, LoadResult, LoadSpec
-from harness.stats import read_stats
+from harness.sigusr2 import read_stats
 from harness.tasks import Service, local_address, proxy_env, split_address
 
 USAGE = """\
@@ -496,7 +496,7 @@ def git_revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every run was error-free and the counts were exact, else 1."""
-    from harness.server import parse_cli
+    from harness.peers.server import parse_cli
 
     opts = parse_cli(USAGE, ["bench", *(sys.argv[1:] if argv is None else argv)], "foo-harness bench")
     duration = float(opts["--duration"])

@@ -2,7 +2,7 @@
 
 Starts a Foo server (the reference ``server-linux`` from ``$FOO_BIN_DIR`` when
 present, else ``foo-server``) and fooproxy in front of it on free ports, runs
-``locust -f harness/locustfile.py --headless ... --only-summary --json`` as a
+``locust -f harness/bench/locustfile.py --headless ... --only-summary --json`` as a
 subprocess (never imported here: importing locust patches the process), then
 asks the proxy for its stats with SIGUSR2 and prints both side by side.
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.binaries import console_script
-from harness.stats import read_stats
+from harness.sigusr2 import read_stats
 
 USAGE = """\
 foo-harness swarm: a headless locust swarm through fooproxy, stats side by side.
@@ -146,7 +146,7 @@ def swarm(
     python: bool = False,
 ) -> SwarmResult:
     """Server + fooproxy + a locust swarm through it + SIGUSR2: the checked result."""
-    from harness.bench import choose_peers, start_proxy, start_server
+    from harness.bench.bench import choose_peers, start_proxy, start_server
 
     if scenario not in SCENARIOS:
         raise ValueError("unknown scenario %r (one of %s)" % (scenario, ", ".join(SCENARIOS)))
@@ -221,7 +221,7 @@ def _quantile(times: dict, q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the swarm, print the side-by-side report, exit 0 when the counts are exact."""
-    from harness.server import parse_cli
+    from harness.peers.server import parse_cli
 
     opts = parse_cli(USAGE, ["swarm", *(sys.argv[1:] if argv is None else argv)], "foo-harness swarm")
     scenario = opts["--scenario"]
