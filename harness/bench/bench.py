@@ -496,7 +496,7 @@ def git_revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every run was error-free and the counts were exact, else 1."""
-    from harness.peers.server import parse_cli
+    from harness.peers.flags import parse_cli
 
     opts = parse_cli(USAGE, ["bench", *(sys.argv[1:] if argv is None else argv)], "foo-harness bench")
     duration = float(opts["--duration"])

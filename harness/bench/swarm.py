@@ -221,7 +221,7 @@ def _quantile(times: dict, q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the swarm, print the side-by-side report, exit 0 when the counts are exact."""
-    from harness.peers.server import parse_cli
+    from harness.peers.flags import parse_cli
 
     opts = parse_cli(USAGE, ["swarm", *(sys.argv[1:] if argv is None else argv)], "foo-harness swarm")
     scenario = opts["--scenario"]

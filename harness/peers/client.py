@@ -35,7 +35,7 @@ import gevent.socket as gsocket
 from fooproxy.config import Address, ConfigError, parse_address, positive_float, positive_int
 from fooproxy.protocol import REQ, parse_line
 from harness.peers.answer import answer
-from harness.peers.server import parse_cli, usage_error
+from harness.peers.flags import parse_cli, usage_error
 
 USAGE = """\
 foo-client: a Foo protocol client that validates answers like the reference client-linux.

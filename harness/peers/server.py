@@ -27,7 +27,6 @@ from __future__ import annotations
 import errno
 import functools
 import random
-import re
 import signal
 import sys
 import time
@@ -37,13 +36,12 @@ import gevent
 import gevent.event
 import gevent.pool
 import gevent.socket as gsocket
-from docopt import DocoptExit, docopt
 from gevent.server import StreamServer
 
-from fooproxy.cli import normalise
 from fooproxy.config import Address, ConfigError, parse_address
 from fooproxy.protocol import MAX_LINE
 from harness.peers.answer import answer_for, lie_about
+from harness.peers.flags import parse_cli, usage_error
 
 USAGE = """\
 foo-server: a Foo protocol server that answers like the reference server-linux.
@@ -340,32 +338,6 @@ class FooServer(StreamServer):
         """Stop accepting, release parked connections, kill the rest after ``timeout``."""
         self._closing.set()
         super().stop(timeout=timeout)
-
-
-def parse_cli(usage: str, argv: list[str] | None, prog: str) -> dict[str, Any]:
-    """Parse Go-style or docopt-style flags against ``usage``; exit 2 on bad usage.
-
-    ``-h`` prints the usage and exits 0.
-    """
-    args = normalise(list(sys.argv[1:] if argv is None else argv))
-    try:
-        opts = docopt(usage, argv=args, default_help=False)
-    except DocoptExit as exc:
-        names = [a.split("=", 1)[0] for a in args if a.startswith("-")]
-        unknown = [n for n in names if not re.search(r"\s%s[\s=]" % re.escape(n), usage)]
-        first = str(exc).strip().splitlines()
-        reason = "unknown flag -%s" % unknown[0].lstrip("-") if unknown else (first[0] if first else "bad usage")
-        raise usage_error(prog, reason) from None
-    if opts.get("--help"):
-        sys.stdout.write(usage)
-        raise SystemExit(0)
-    return dict(opts)
-
-
-def usage_error(prog: str, message: str) -> SystemExit:
-    """Print one usage error line; return the SystemExit(2) to raise."""
-    sys.stderr.write("%s: %s (see %s -h)\n" % (prog, message, prog))
-    return SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> int:

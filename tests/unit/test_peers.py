@@ -17,7 +17,7 @@ except ModuleNotFoundError:  # an editable install made before harness/ existed
 
 from fooproxy.config import Address
 from fooproxy.protocol import MAX_LINE
-from harness.peers import client, server
+from harness.peers import client, flags, server
 from harness.peers.answer import ERRDECODE, answer, answer_for, answer_hash, answer_type, check_answer, lie_about
 from harness.peers.client import ALPHABET, BLOCK, Plan, _diagnose, request_data
 from harness.peers.server import Answerer, format_peer, go_duration
@@ -257,19 +257,19 @@ def test_diagnose_reasons():
 
 @pytest.mark.parametrize("argv", [["-listen", ":9"], ["-listen=:9"], ["--listen", ":9"], ["--listen=:9"]])
 def test_server_flags_go_and_docopt_style(argv):
-    opts = server.parse_cli(server.USAGE, argv + ["-quiet", "-close-on-eof"], "foo-server")
+    opts = flags.parse_cli(server.USAGE, argv + ["-quiet", "-close-on-eof"], "foo-server")
     assert opts["--listen"] == ":9" and opts["--quiet"] and opts["--close-on-eof"]
     assert not opts["--split"] and not opts["--lie"]
 
 
 def test_server_defaults():
-    opts = server.parse_cli(server.USAGE, [], "foo-server")
+    opts = flags.parse_cli(server.USAGE, [], "foo-server")
     assert opts["--listen"] == ":8001"
 
 
 def test_bad_flags_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        server.parse_cli(server.USAGE, ["-bogus"], "foo-server")
+        flags.parse_cli(server.USAGE, ["-bogus"], "foo-server")
     assert exc.value.code == 2 and "unknown flag -bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         client.parse(["-window", "0"])
