@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from harness.bench.loadgen import LoadGen, LoadResult, LoadSpec
-from harness.binaries import REFERENCE, Peers, find_peers, fooproxy_command, python_peers
+from harness.binaries import REFERENCE, Peers, find_peers, python_peers
 from harness.sigusr2 import read_stats
-from harness.tasks import Service, local_address, proxy_env, split_address
+from harness.tasks import start_proxy, start_server
 
 USAGE = """\
 foo-harness bench: the same load direct to the server and through fooproxy.
@@ -155,43 +155,20 @@ def gevent_env(monitor: bool | None) -> dict[str, str] | None:
     return {**os.environ, "GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"}
 
 
-def start_server(peers: Peers, close_on_eof: bool = False, monitor: bool | None = None) -> Service:
-    """A Foo server on a free port: the reference binary as is, or ``foo-server -quiet``."""
-    listen = local_address()
-    args: list[str] = []
-    if peers.kind != REFERENCE:
-        args = ["-quiet"] + (["-close-on-eof"] if close_on_eof else [])
-    service = Service(
-        peers.server_cmd(listen, *args),
-        listen,
-        name="server",
-        env=gevent_env(monitor),
-        ready_port=split_address(listen),
-    )
-    service.start()
-    return service
+def server_args(peers: Peers, close_on_eof: bool = False) -> list[str]:
+    """A load run's server flags: foo-server gets ``-quiet`` (and ``-close-on-eof`` if asked), the reference none."""
+    if peers.kind == REFERENCE:
+        return []
+    return ["-quiet"] + (["-close-on-eof"] if close_on_eof else [])
 
 
-def start_proxy(
-    forward: str,
-    extra: Sequence[str] = (),
-    log_level: str = "warning",
-    monitor: bool | None = None,
-    command: Sequence[str] | None = None,
-) -> Service:
-    """fooproxy (or ``command``) on a free port in front of ``forward``: no HTTP, no recovery file, quiet logs.
+def proxy_options(extra: Sequence[str] = (), monitor: bool | None = None) -> dict[str, Any]:
+    """A load run's ``start_proxy`` keywords: ``-log-level warning`` (no per-connection line), ``extra``, the monitor.
 
-    Ready once its port accepts (one probe connection, no message).
+    ``monitor`` turns gevent's monitor thread on or off (``None``: as inherited; see ``gevent_env``).
     """
-    listen = local_address()
-    cmd = [*(command or fooproxy_command()), "-listen", listen, "-forward", forward, "-http", "off"]
-    cmd += ["-recovery-path", "off", "-log-level", log_level, *extra]
-    env = (
-        proxy_env() if monitor is None else proxy_env({"GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"})
-    )
-    service = Service(cmd, listen, name="fooproxy", env=env, ready_port=split_address(listen))
-    service.start()
-    return service
+    env = None if monitor is None else {"GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"}
+    return {"extra_args": ["-log-level", "warning", *extra], "env": env}
 
 
 class PySpy:
@@ -235,11 +212,11 @@ def load_run(
     foo-server only): a server that never closes would hold one descriptor per
     finished connection, tens of thousands in 10 s.
     """
-    server = start_server(peers, close_on_eof=load.churn > 0, monitor=monitor)
+    server = start_server(peers=peers, args=server_args(peers, load.churn > 0), env=gevent_env(monitor))
     proxy = spy = None
     try:
         if via_proxy:
-            proxy = start_proxy(server.address, proxy_args, monitor=monitor, command=proxy_cmd)
+            proxy = start_proxy(server.address, command=proxy_cmd, **proxy_options(proxy_args, monitor))
         target = proxy.address if proxy else server.address
         gen = LoadGen(LoadSpec(target, load.conns, load.window, load.size, duration, load.churn, procs))
         try:
@@ -345,8 +322,8 @@ def memory_and_idle(
     """W6 (idle CPU with no connections, then with ``idle_conns`` held) and W5 (RSS per held connection)."""
     out: dict[str, Any] = {"problems": []}
     with (
-        start_server(peers, monitor=monitor) as server,
-        start_proxy(server.address, proxy_args, monitor=monitor, command=proxy_cmd) as proxy,
+        start_server(peers=peers, args=server_args(peers), env=gevent_env(monitor)) as server,
+        start_proxy(server.address, command=proxy_cmd, **proxy_options(proxy_args, monitor)) as proxy,
     ):
         time.sleep(0.5)  # let start-up settle
         out["idle_cpu_pct"] = round(idle_cpu_pct(proxy.pid, idle_seconds), 3)

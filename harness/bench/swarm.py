@@ -26,6 +26,7 @@ from typing import Any
 
 from harness.binaries import console_script
 from harness.sigusr2 import read_stats
+from harness.tasks import start_proxy, start_server
 
 USAGE = """\
 foo-harness swarm: a headless locust swarm through fooproxy, stats side by side.
@@ -146,13 +147,16 @@ def swarm(
     python: bool = False,
 ) -> SwarmResult:
     """Server + fooproxy + a locust swarm through it + SIGUSR2: the checked result."""
-    from harness.bench.bench import choose_peers, start_proxy, start_server
+    from harness.bench.bench import choose_peers, proxy_options, server_args
 
     if scenario not in SCENARIOS:
         raise ValueError("unknown scenario %r (one of %s)" % (scenario, ", ".join(SCENARIOS)))
     peers = choose_peers(python)
     extra = ["--foo-window", str(window), "--foo-churn", str(churn), "--foo-size", str(size)]
-    with start_server(peers) as server, start_proxy(server.address, log_level="warning") as proxy:
+    with (
+        start_server(peers=peers, args=server_args(peers)) as server,
+        start_proxy(server.address, **proxy_options()) as proxy,
+    ):
         cmd = locust_command(proxy.address, users, spawn_rate, duration, SCENARIOS[scenario], extra)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness import binaries, cli, tasks
-from harness.processes import Process, ProcessError, free_port
+from harness.processes import Process, ProcessError, free_port, port_listening
 from harness.sigusr2 import StatsError, read_stats
 
 
@@ -128,6 +128,41 @@ def test_readiness_by_port(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
     assert not p.alive()
+
+
+def test_port_listening_reads_the_kernel_table_without_connecting() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        assert not port_listening(port)  # bound is not listening
+        sock.listen()
+        assert port_listening(port)
+        sock.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            sock.accept()  # nobody connected to find out
+    assert not port_listening(port)
+
+
+def test_readiness_by_listen_waits_for_the_listen_call(tmp_path: Path) -> None:
+    port = free_port()
+    code = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',%d)); time.sleep(0.5); s.listen()" % port
+    code += "\ns.settimeout(1)\ntry:\n s.accept(); print('accepted')\nexcept OSError:\n print('nobody')"
+    started = time.monotonic()
+    with Process([sys.executable, "-c", code], name="late", ready_listen=port, log_dir=tmp_path) as proc:
+        assert time.monotonic() - started >= 0.5  # bound early, listened late
+        assert proc.wait_for_output("accepted|nobody", timeout=10, stream="stdout").group(0) == "nobody"
+
+
+def test_start_proxy_and_server_are_ready_without_a_probe_and_at_any_log_level(tmp_path: Path) -> None:
+    """One readiness rule: no connection reaches the proxy's stats or the server's log, even at -log-level warning."""
+    peers = binaries.python_peers()
+    with tasks.start_server(peers=peers, log_dir=tmp_path) as server:
+        with tasks.start_proxy(server.address, extra_args=["-log-level", "warning"], log_dir=tmp_path) as proxy:
+            assert "listening on" not in proxy.stderr_text()  # the line the old rule waited for
+            stats = read_stats(proxy)
+            assert stats["connections_total"] == 0, stats
+            assert tasks.run_client(proxy.address, peers=peers).ok
+        assert server.stderr_text().count(": connected") == 1, server.stderr_text()
 
 
 def test_early_exit_raises_with_the_output(tmp_path: Path) -> None:
