@@ -360,8 +360,33 @@ def memory_and_idle(
 
 
 # -- report ------------------------------------------------------------------------------------
+def ratios(runs: list[dict[str, Any]]) -> list[float | None]:
+    """Per run: its msgs/s over that of the direct run of its workload just before it; ``None`` for a direct run.
+
+    (``None`` too when there is no direct figure to divide by.)
+    """
+    direct: dict[str, float] = {}
+    out: list[float | None] = []
+    for r in runs:
+        if r["path"] == "direct":
+            direct[r["workload"]] = r["msgs_per_s"]
+            out.append(None)
+        else:
+            base = direct.get(r["workload"])
+            out.append(round(r["msgs_per_s"] / base, 3) if base else None)
+    return out
+
+
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """Record each proxied run's ``ratio`` (see ``ratios``) and the issue's ``target`` for its workload."""
+    targets = {w.key: w.target for w in LOADS}
+    for r, ratio in zip(runs, ratios(runs), strict=True):
+        if ratio is not None:
+            r["ratio"], r["target"] = ratio, targets.get(r["workload"], 0.0)
+
+
 def table(runs: list[dict[str, Any]], extra: dict[str, Any] | None) -> str:
-    """The human-readable results."""
+    """The human-readable results (``add_ratios`` first, for the ratio column); formats only."""
     head = "%-14s %-6s %10s %8s %9s %6s %7s %4s %22s %8s %6s  %s" % (
         "workload",
         "path",
@@ -377,18 +402,11 @@ def table(runs: list[dict[str, Any]], extra: dict[str, Any] | None) -> str:
         "saturated",
     )
     lines = [head, "-" * len(head)]
-    direct: dict[str, float] = {}
-    targets = {w.key: w.target for w in LOADS}
     for r in runs:
         ratio = target = ""
-        if r["path"] == "direct":
-            direct[r["workload"]] = r["msgs_per_s"]
-        elif direct.get(r["workload"]):
-            r["ratio"] = round(r["msgs_per_s"] / direct[r["workload"]], 3)
+        if r.get("ratio") is not None:
             ratio = "%.2f" % r["ratio"]
-            want = targets.get(r["workload"], 0.0)
-            r["target"] = want
-            target = ">=%.2f%s" % (want, "" if r["ratio"] >= want else "!")
+            target = ">=%.2f%s" % (r["target"], "" if r["ratio"] >= r["target"] else "!")
         cpu = r["cpu_s"]
         cpus = "%.2f/%s/%.2f" % (cpu["loadgen"], "%.2f" % cpu["proxy"] if "proxy" in cpu else "-", cpu["server"])
         per = "%.1f" % r["proxy_us_per_msg"] if r.get("proxy_us_per_msg") else "-"
@@ -440,7 +458,7 @@ def table(runs: list[dict[str, Any]], extra: dict[str, Any] | None) -> str:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per workload over its rounds: median and range of the ratios, median proxy µs/msg.
 
-    Needs ``table()`` to have set each proxied run's ``ratio``.
+    Needs ``add_ratios()`` to have set each proxied run's ``ratio``.
     """
     out: dict[str, dict[str, Any]] = {}
     for key in dict.fromkeys(r["workload"] for r in runs):
@@ -533,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             monitor,
             proxy_cmd,
         )
+    add_ratios(runs)
     say()
     say(table(runs, extra))
     summary = summarise(runs) if rounds > 1 else {}
