@@ -15,7 +15,7 @@ import pytest
 
 from harness import binaries, cli, tasks
 from harness.processes import Process, ProcessError, free_port, port_listening
-from harness.sigusr2 import StatsError, read_stats
+from harness.sigusr2 import StatsError, read_stats, read_stats_when_idle
 
 
 # -- binaries -----------------------------------------------------------------
@@ -239,6 +239,13 @@ def test_read_stats_times_out_with_the_output(tmp_path: Path) -> None:
     with Process([sys.executable, "-c", code], ready_regex="ready", ready_stream="stdout", log_dir=tmp_path) as proc:
         with pytest.raises(StatsError, match="no line"):
             read_stats(proc, timeout=0.3)
+
+
+def test_read_stats_when_idle_polls_until_no_session_is_open(tmp_path: Path) -> None:
+    fake = FAKE_PROXY.replace('"msg_nak": 0,', '"msg_nak": 0, "connections_active": max(0, 3 - n),')
+    with Process([sys.executable, "-c", fake], name="fakeproxy", ready_regex="listening on", log_dir=tmp_path) as proc:
+        stats = read_stats_when_idle(proc, timeout=10, interval=0.01)
+        assert (stats["connections_active"], stats["msg_req"]) == (0, 3)  # three reads: 2, 1, then 0 open
 
 
 # -- tasks -----------------------------------------------------------------------
