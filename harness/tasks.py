@@ -8,7 +8,9 @@ Used by ``foo-harness demo``, the e2e fixtures and anyone scripting a scenario::
         assert not check_counts(stats, runs=20)
 
 Addresses are ``"host:port"`` strings; every process gets a free port on
-127.0.0.1 unless told otherwise.
+127.0.0.1 unless told otherwise. ``start_server`` and ``start_proxy`` are the
+harness's only start functions (the bench and the swarm use them too), with one
+readiness rule: the listen port is in LISTEN state (see ``start_proxy``).
 """
 
 from __future__ import annotations
