@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from harness.bench import choose_peers, start_proxy, start_server
-from harness.loadgen import LoadGen, LoadSpec
-from harness.stats import read_stats
-from harness.tasks import Service, local_address, split_address
+from harness.bench.bench import choose_peers, proxy_options, server_args
+from harness.bench.loadgen import LoadGen, LoadSpec
+from harness.sigusr2 import read_stats
+from harness.tasks import start_proxy, start_server
 
 
 def _run(spec: LoadSpec):
@@ -25,7 +25,10 @@ def _run(spec: LoadSpec):
 
 def test_loadgen_through_the_proxy_counts_exactly() -> None:
     peers = choose_peers(python=True)
-    with start_server(peers, monitor=False) as server, start_proxy(server.address, monitor=False) as proxy:
+    with (
+        start_server(peers=peers, args=server_args(peers)) as server,
+        start_proxy(server.address, **proxy_options(monitor=False)) as proxy,
+    ):
         result = _run(LoadSpec(proxy.address, conns=4, window=16, size=32, duration=1.0))
         stats = read_stats(proxy)
     assert result.errors == 0, result.error_texts
@@ -38,7 +41,8 @@ def test_loadgen_through_the_proxy_counts_exactly() -> None:
 
 
 def test_loadgen_churn_opens_a_connection_every_k_requests() -> None:
-    with start_server(choose_peers(python=True), close_on_eof=True, monitor=False) as server:
+    peers = choose_peers(python=True)
+    with start_server(peers=peers, args=server_args(peers, close_on_eof=True)) as server:
         result = _run(LoadSpec(server.address, conns=2, window=1, duration=1.0, churn=5))
     assert result.errors == 0, result.error_texts
     assert result.conns_opened >= result.answered // 5 >= 20
@@ -46,10 +50,8 @@ def test_loadgen_churn_opens_a_connection_every_k_requests() -> None:
 
 def test_loadgen_reports_wrong_answers() -> None:
     peers = choose_peers(python=True)
-    address = local_address()
-    liar = Service(peers.server_cmd(address, "-quiet", "-lie"), address, name="liar", ready_port=split_address(address))
-    with liar:
-        result = _run(LoadSpec(address, conns=2, window=4, duration=0.5))
+    with start_server(peers=peers, args=["-quiet", "-lie"], name="liar") as liar:
+        result = _run(LoadSpec(liar.address, conns=2, window=4, duration=0.5))
     assert result.errors >= 2
     assert any("wrong answer" in text for text in result.error_texts), result.error_texts
 

@@ -2,7 +2,7 @@
 
 A benchmark, not a test. For each load workload (W1 pipelined, W2 lockstep,
 W3 fan-in, W4 churn) a fresh server, and for the second run a fresh fooproxy
-in front of it, get the same ``harness.loadgen`` load for ``--duration``
+in front of it, get the same ``harness.bench.loadgen`` load for ``--duration``
 seconds; W5 holds idle connections through the proxy and reads its RSS; W6
 reads the idle proxy's CPU. For every run: msgs/s (REQs + answers), p50/p99
 latency, errors, the CPU seconds of the load generator, the proxy and the
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.binaries import REFERENCE, Peers, find_peers, fooproxy_command, python_peers
-from harness.loadgen import LoadGen, LoadResult, LoadSpec
-from harness.stats import read_stats
-from harness.tasks import Service, local_address, proxy_env, split_address
+from harness.bench.loadgen import LoadGen, LoadResult, LoadSpec
+from harness.binaries import REFERENCE, Peers, find_peers, python_peers
+from harness.sigusr2 import read_stats
+from harness.tasks import start_proxy, start_server
 
 USAGE = """\
 foo-harness bench: the same load direct to the server and through fooproxy.
@@ -155,43 +155,20 @@ def gevent_env(monitor: bool | None) -> dict[str, str] | None:
     return {**os.environ, "GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"}
 
 
-def start_server(peers: Peers, close_on_eof: bool = False, monitor: bool | None = None) -> Service:
-    """A Foo server on a free port: the reference binary as is, or ``foo-server -quiet``."""
-    listen = local_address()
-    args: list[str] = []
-    if peers.kind != REFERENCE:
-        args = ["-quiet"] + (["-close-on-eof"] if close_on_eof else [])
-    service = Service(
-        peers.server_cmd(listen, *args),
-        listen,
-        name="server",
-        env=gevent_env(monitor),
-        ready_port=split_address(listen),
-    )
-    service.start()
-    return service
+def server_args(peers: Peers, close_on_eof: bool = False) -> list[str]:
+    """A load run's server flags: foo-server gets ``-quiet`` (and ``-close-on-eof`` if asked), the reference none."""
+    if peers.kind == REFERENCE:
+        return []
+    return ["-quiet"] + (["-close-on-eof"] if close_on_eof else [])
 
 
-def start_proxy(
-    forward: str,
-    extra: Sequence[str] = (),
-    log_level: str = "warning",
-    monitor: bool | None = None,
-    command: Sequence[str] | None = None,
-) -> Service:
-    """fooproxy (or ``command``) on a free port in front of ``forward``: no HTTP, no recovery file, quiet logs.
+def proxy_options(extra: Sequence[str] = (), monitor: bool | None = None) -> dict[str, Any]:
+    """A load run's ``start_proxy`` keywords: ``-log-level warning`` (no per-connection line), ``extra``, the monitor.
 
-    Ready once its port accepts (one probe connection, no message).
+    ``monitor`` turns gevent's monitor thread on or off (``None``: as inherited; see ``gevent_env``).
     """
-    listen = local_address()
-    cmd = [*(command or fooproxy_command()), "-listen", listen, "-forward", forward, "-http", "off"]
-    cmd += ["-recovery-path", "off", "-log-level", log_level, *extra]
-    env = (
-        proxy_env() if monitor is None else proxy_env({"GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"})
-    )
-    service = Service(cmd, listen, name="fooproxy", env=env, ready_port=split_address(listen))
-    service.start()
-    return service
+    env = None if monitor is None else {"GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"}
+    return {"extra_args": ["-log-level", "warning", *extra], "env": env}
 
 
 class PySpy:
@@ -235,11 +212,11 @@ def load_run(
     foo-server only): a server that never closes would hold one descriptor per
     finished connection, tens of thousands in 10 s.
     """
-    server = start_server(peers, close_on_eof=load.churn > 0, monitor=monitor)
+    server = start_server(peers=peers, args=server_args(peers, load.churn > 0), env=gevent_env(monitor))
     proxy = spy = None
     try:
         if via_proxy:
-            proxy = start_proxy(server.address, proxy_args, monitor=monitor, command=proxy_cmd)
+            proxy = start_proxy(server.address, command=proxy_cmd, **proxy_options(proxy_args, monitor))
         target = proxy.address if proxy else server.address
         gen = LoadGen(LoadSpec(target, load.conns, load.window, load.size, duration, load.churn, procs))
         try:
@@ -345,8 +322,8 @@ def memory_and_idle(
     """W6 (idle CPU with no connections, then with ``idle_conns`` held) and W5 (RSS per held connection)."""
     out: dict[str, Any] = {"problems": []}
     with (
-        start_server(peers, monitor=monitor) as server,
-        start_proxy(server.address, proxy_args, monitor=monitor, command=proxy_cmd) as proxy,
+        start_server(peers=peers, args=server_args(peers), env=gevent_env(monitor)) as server,
+        start_proxy(server.address, command=proxy_cmd, **proxy_options(proxy_args, monitor)) as proxy,
     ):
         time.sleep(0.5)  # let start-up settle
         out["idle_cpu_pct"] = round(idle_cpu_pct(proxy.pid, idle_seconds), 3)
@@ -383,8 +360,33 @@ def memory_and_idle(
 
 
 # -- report ------------------------------------------------------------------------------------
+def ratios(runs: list[dict[str, Any]]) -> list[float | None]:
+    """Per run: its msgs/s over that of the direct run of its workload just before it; ``None`` for a direct run.
+
+    (``None`` too when there is no direct figure to divide by.)
+    """
+    direct: dict[str, float] = {}
+    out: list[float | None] = []
+    for r in runs:
+        if r["path"] == "direct":
+            direct[r["workload"]] = r["msgs_per_s"]
+            out.append(None)
+        else:
+            base = direct.get(r["workload"])
+            out.append(round(r["msgs_per_s"] / base, 3) if base else None)
+    return out
+
+
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """Record each proxied run's ``ratio`` (see ``ratios``) and the issue's ``target`` for its workload."""
+    targets = {w.key: w.target for w in LOADS}
+    for r, ratio in zip(runs, ratios(runs), strict=True):
+        if ratio is not None:
+            r["ratio"], r["target"] = ratio, targets.get(r["workload"], 0.0)
+
+
 def table(runs: list[dict[str, Any]], extra: dict[str, Any] | None) -> str:
-    """The human-readable results."""
+    """The human-readable results (``add_ratios`` first, for the ratio column); formats only."""
     head = "%-14s %-6s %10s %8s %9s %6s %7s %4s %22s %8s %6s  %s" % (
         "workload",
         "path",
@@ -400,18 +402,11 @@ def table(runs: list[dict[str, Any]], extra: dict[str, Any] | None) -> str:
         "saturated",
     )
     lines = [head, "-" * len(head)]
-    direct: dict[str, float] = {}
-    targets = {w.key: w.target for w in LOADS}
     for r in runs:
         ratio = target = ""
-        if r["path"] == "direct":
-            direct[r["workload"]] = r["msgs_per_s"]
-        elif direct.get(r["workload"]):
-            r["ratio"] = round(r["msgs_per_s"] / direct[r["workload"]], 3)
+        if r.get("ratio") is not None:
             ratio = "%.2f" % r["ratio"]
-            want = targets.get(r["workload"], 0.0)
-            r["target"] = want
-            target = ">=%.2f%s" % (want, "" if r["ratio"] >= want else "!")
+            target = ">=%.2f%s" % (r["target"], "" if r["ratio"] >= r["target"] else "!")
         cpu = r["cpu_s"]
         cpus = "%.2f/%s/%.2f" % (cpu["loadgen"], "%.2f" % cpu["proxy"] if "proxy" in cpu else "-", cpu["server"])
         per = "%.1f" % r["proxy_us_per_msg"] if r.get("proxy_us_per_msg") else "-"
@@ -463,7 +458,7 @@ def table(runs: list[dict[str, Any]], extra: dict[str, Any] | None) -> str:
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per workload over its rounds: median and range of the ratios, median proxy µs/msg.
 
-    Needs ``table()`` to have set each proxied run's ``ratio``.
+    Needs ``add_ratios()`` to have set each proxied run's ``ratio``.
     """
     out: dict[str, dict[str, Any]] = {}
     for key in dict.fromkeys(r["workload"] for r in runs):
@@ -496,7 +491,7 @@ def git_revision() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every run was error-free and the counts were exact, else 1."""
-    from harness.server import parse_cli
+    from harness.peers.flags import parse_cli
 
     opts = parse_cli(USAGE, ["bench", *(sys.argv[1:] if argv is None else argv)], "foo-harness bench")
     duration = float(opts["--duration"])
@@ -556,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             monitor,
             proxy_cmd,
         )
+    add_ratios(runs)
     say()
     say(table(runs, extra))
     summary = summarise(runs) if rounds > 1 else {}
