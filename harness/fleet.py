@@ -69,6 +69,7 @@ class Inventory:
     proxy_args: list[str] = field(default_factory=list)
     http_allow: str | None = None
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    fixed_ports: set[str] = field(default_factory=set)  # kinds whose port holds on local hosts too
 
     def role_hosts(self, role: str) -> list[str]:
         """The host names of ``role`` (``[]`` when it is not placed)."""
@@ -228,9 +229,9 @@ class Fleet:
         return self.hosts[self.inv.role_hosts(role)[index]]
 
     def port(self, host: Host, kind: str) -> int:
-        """The port for ``kind`` on ``host``: a free one on local hosts, else the inventory's (next free one
-        if another role of this fleet holds it there)."""
-        if isinstance(host, LocalHost):
+        """The port for ``kind`` on ``host``: a free one on local hosts (unless in ``fixed_ports``), else the
+        inventory's (the next one up if another role of this fleet holds it there)."""
+        if isinstance(host, LocalHost) and kind not in self.inv.fixed_ports:
             return free_port(host.address)
         used = self._ports.setdefault(host.name, set())
         port = self.inv.ports[kind]

@@ -16,13 +16,14 @@ interface of ``harness.processes.Process`` (``pid``, ``alive()``,
 the root namespace (it has the subnet's first address, so the harness itself
 reaches every namespace), one veth pair per namespace, addresses from a
 private /24, and on exit removes everything it made (namespaces, veths,
-bridge), whatever happened. Every name carries ``fh<pid>`` so two runs never
+bridge), whatever happened. Every name starts ``fh<pid><n>`` (n: which Network of this process) so two runs never
 collide and ``leftovers()`` can prove that nothing stayed behind.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import shlex
 import shutil
@@ -150,14 +151,16 @@ class NetnsHost(Host):
 class Network:
     """The namespaces of one run, joined by a bridge; a context manager that removes all it made.
 
-    ``add(name)`` creates namespace ``fh<pid>-<name>`` with a veth to the bridge
-    and returns its ``NetnsHost``. The bridge (``fh<pid>br``) holds the first
+    ``add(name)`` creates namespace ``fh<pid><n>-<name>`` with a veth to the bridge
+    and returns its ``NetnsHost``. The bridge (``fh<pid><n>br``) holds the first
     address of ``subnet`` (default: a free 10.201.X.0/24), the namespaces the
     following ones. Interface names stay within Linux's 15 characters.
     """
 
+    _made = itertools.count()  # networks made by this process: one more character in the prefix
+
     def __init__(self, subnet: str | None = None, prefix: str | None = None) -> None:
-        self.prefix = prefix or "fh%d" % (os.getpid() % 100000)
+        self.prefix = prefix or run_prefix() + "0123456789abcdefghijklmnopqrstuvwxyz"[next(Network._made) % 36]
         if len(self.prefix) > 8:
             raise HostError("network prefix %r too long: interface names are at most 15 characters" % self.prefix)
         self.bridge = self.prefix + "br"
@@ -195,7 +198,7 @@ class Network:
         return str(self.subnet.network_address + 1)
 
     def add(self, name: str) -> NetnsHost:
-        """A new namespace ``fh<pid>-<name>`` wired to the bridge, with loopback up; its host."""
+        """A new namespace ``fh<pid><n>-<name>`` wired to the bridge, with loopback up; its host."""
         if name in self.hosts:
             return self.hosts[name]
         assert self.subnet is not None, "use Network as a context manager (or call create())"
@@ -239,6 +242,11 @@ class Network:
     def leftovers(self) -> list[str]:
         """Namespaces and links with this run's prefix that still exist (``[]`` after ``teardown``)."""
         return leftovers(self.prefix)
+
+
+def run_prefix() -> str:
+    """``fh<pid>``: the start of every namespace and link name this process makes (7 characters)."""
+    return "fh%05d" % (os.getpid() % 100000)
 
 
 def namespaces() -> list[str]:
@@ -300,7 +308,7 @@ def netns_supported() -> str:
     if os.geteuid() != 0:
         return "network namespaces need root (ip netns add)"
     try:
-        probe = "fhp%d" % (os.getpid() % 100000)
+        probe = run_prefix() + "p"
         done = ip("netns", "add", probe, check=False)
         if done.returncode != 0:
             return "`ip netns add` failed: %s" % done.stderr.strip()

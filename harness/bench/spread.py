@@ -51,6 +51,7 @@ def local_inventory(processes: int, master_bind: str | None = None) -> Inventory
     inv.roles["workers"] = [] if master_bind else ["local"] * processes
     if master_bind:
         inv.ports["master"] = split_address(master_bind)[1]
+        inv.fixed_ports.add("master")
     return inv
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import urllib.request
@@ -21,6 +20,7 @@ import pytest
 
 from harness import hosts
 from harness.bench.spread import spread_swarm
+from harness.binaries import console_script
 from harness.fleet import Fleet, inventory_from_dict, summed
 from harness.prometheus import Api, find_prometheus
 
@@ -46,7 +46,7 @@ def netns_ok() -> None:
 @pytest.fixture
 def no_leftovers(netns_ok) -> Iterator[str]:
     """This process's namespace/link prefix; after the test, nothing with it may remain."""
-    prefix = "fh%d" % (os.getpid() % 100000)
+    prefix = hosts.run_prefix()
     assert not hosts.leftovers(prefix), "left by an earlier test: %s" % hosts.leftovers(prefix)
     yield prefix
     left = hosts.leftovers(prefix)
@@ -132,3 +132,30 @@ def test_roles_in_five_namespaces_count_exactly_and_prometheus_sums_them(no_left
         assert api.scalar('sum(fooproxy_messages_total{type="nak"})') == total["msg_nak"]
         assert api.scalar('count(fooproxy_messages_total{type="req"})') == 2
     assert hosts.leftovers(no_leftovers) == []
+
+
+def test_master_bind_and_worker_spread_one_swarm_over_two_namespaces(no_leftovers: str) -> None:
+    if importlib.util.find_spec("locust") is None:
+        pytest.skip("locust is not installed (pip install -e '.[test]')")
+    harness_cli = console_script("foo-harness", "harness.cli")
+    with hosts.Network() as net:
+        here, there = net.add("m"), net.add("w")
+        swarm = [*harness_cli, "swarm", "--users", "10", "--spawn-rate", "10", "--duration", "4"]
+        master_at = "%s:5557" % here.address
+        with here.run(
+            [*swarm, "--processes", "2", "--master-bind", master_at],
+            name="swarm-master",
+            ready_regex="waiting for 2 workers: foo-harness swarm --worker %s" % master_at.replace(".", r"\."),
+            ready_stream="stdout",
+        ) as master:
+            workers = [there.run([*harness_cli, "swarm", "--worker", master_at], name="w%d" % i) for i in (1, 2)]
+            try:
+                assert master.wait(90) == 0, master.tail(40)
+                assert all(w.wait(30) == 0 for w in workers), "\n".join(w.tail() for w in workers)
+            finally:
+                for w in workers:
+                    w.close()
+            out = master.stdout_text()
+            assert "swarm: OK" in out and "over 1 proxies" in out, out
+            # The server and fooproxy listened on the master's bridge address, where the workers reached them.
+            assert "proxies    local (local, %s)" % here.address in out, out
