@@ -137,6 +137,7 @@ def _check_with_clients(entries: list[dict], total: dict, rc: int, clients: int)
             "proxies' msg_ack+msg_nak %d != %d locust answers + %d x 100 client answers"
             % (total["msg_ack"] + total["msg_nak"], res.answers, clients)
         )
+    res.proxy = dict(total)  # the report shows what the proxies counted, clients included
     return res
 
 
