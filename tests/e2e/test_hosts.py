@@ -22,6 +22,7 @@ from harness import hosts
 from harness.bench.spread import spread_swarm
 from harness.binaries import console_script
 from harness.fleet import Fleet, inventory_from_dict, summed
+from harness.processes import ProcessError
 from harness.prometheus import Api, find_prometheus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -68,6 +69,21 @@ def test_network_is_removed_even_when_the_body_fails(no_leftovers: str) -> None:
                 assert listener.wait(10) == 0, listener.tail()
             assert sorted(n for n in hosts.namespaces() if n.startswith(net.prefix)) == [a.netns, b.netns]
             raise RuntimeError("boom")
+    assert hosts.leftovers(no_leftovers) == []
+
+
+def test_a_fleet_whose_proxy_cannot_start_removes_what_it_made(no_leftovers: str, tmp_path) -> None:
+    inv = inventory_from_dict(
+        {
+            "hosts": {"srv": "netns:srv", "px": "netns:px"},
+            "roles": {"server": "srv", "proxies": ["px"]},
+            "proxy": {"args": ["-no-such-flag"]},
+        }
+    )
+    with pytest.raises(ProcessError, match="fooproxy1") as err:
+        with Fleet(inv, log_dir=str(tmp_path)):
+            pass
+    assert "no-such-flag" in str(err.value)  # the proxy's own one-line complaint is in the message
     assert hosts.leftovers(no_leftovers) == []
 
 
