@@ -463,18 +463,20 @@ class RemoteProcess(Process):
             try:
                 text = self.host.check("cat %s 2>/dev/null || true" % pidfile).strip()
             except HostError as exc:
+                self.close()
                 raise ProcessError(str(exc)) from None
             if text.isdigit():
                 self._remote_pid = int(text)
             elif not self.alive() or time.monotonic() > deadline:
-                self.stop()
-                raise ProcessError("%s on %s did not start\n%s" % (self.name, self.host.describe(), self.tail()))
+                tail = self.tail()
+                self.close()
+                raise ProcessError("%s on %s did not start\n%s" % (self.name, self.host.describe(), tail))
             else:
                 time.sleep(POLL * 10)
         try:
             self.wait_ready()
         except BaseException:
-            self.stop()
+            self.close()  # also removes the remote directory and closes the output files
             raise
         return self
 
