@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.binaries import Peers, console_script, find_peers, fooproxy_command
-from harness.hosts import Host, HostError, LocalHost, Network, parse_host
+from harness.hosts import Host, HostError, LocalHost, parse_host
+from harness.netns import Network
 from harness.processes import Process, free_port
 from harness.sigusr2 import read_stats
 from harness.tasks import ClientResult, proxy_env, split_address

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import hosts
+from harness import netns
 from harness.bench.spread import spread_swarm
 from harness.binaries import console_script
 from harness.fleet import Fleet, inventory_from_dict, summed
@@ -39,7 +39,7 @@ CONNECT = "import socket; socket.create_connection(('%s', 7000), timeout=5).send
 
 @pytest.fixture(scope="module")
 def netns_ok() -> None:
-    reason = hosts.netns_supported()
+    reason = netns.netns_supported()
     if reason:
         pytest.skip("cannot make network namespaces here: %s" % reason)
 
@@ -47,29 +47,29 @@ def netns_ok() -> None:
 @pytest.fixture
 def no_leftovers(netns_ok) -> Iterator[str]:
     """This process's namespace/link prefix; after the test, nothing with it may remain."""
-    prefix = hosts.run_prefix()
-    assert not hosts.leftovers(prefix), "left by an earlier test: %s" % hosts.leftovers(prefix)
+    prefix = netns.run_prefix()
+    assert not netns.leftovers(prefix), "left by an earlier test: %s" % netns.leftovers(prefix)
     yield prefix
-    left = hosts.leftovers(prefix)
+    left = netns.leftovers(prefix)
     for item in left:  # clean up anyway, so one failure does not cascade
         kind, name = item.split(" ", 1)
-        hosts.ip(*(("netns", "del", name) if kind == "netns" else ("link", "del", name)), check=False)
+        netns.ip(*(("netns", "del", name) if kind == "netns" else ("link", "del", name)), check=False)
     assert not left, "the test left behind: %s" % left
 
 
 def test_network_is_removed_even_when_the_body_fails(no_leftovers: str) -> None:
     with pytest.raises(RuntimeError, match="boom"):
-        with hosts.Network() as net:
+        with netns.Network() as net:
             a, b = net.add("a"), net.add("b")
-            assert len(net.bridge) <= 15 and all(len(n) <= 15 for n in hosts.links() if n.startswith(net.prefix))
+            assert len(net.bridge) <= 15 and all(len(n) <= 15 for n in netns.links() if n.startswith(net.prefix))
             # A real path from one namespace to the other: a listener in b, a connect from a.
             with b.run([sys.executable, "-c", LISTEN], ready_regex="listening", ready_stream="stdout") as listener:
                 done = subprocess.run(a.wrap([sys.executable, "-c", CONNECT % b.address]), capture_output=True)
                 assert done.returncode == 0, done.stderr
                 assert listener.wait(10) == 0, listener.tail()
-            assert sorted(n for n in hosts.namespaces() if n.startswith(net.prefix)) == [a.netns, b.netns]
+            assert sorted(n for n in netns.namespaces() if n.startswith(net.prefix)) == [a.netns, b.netns]
             raise RuntimeError("boom")
-    assert hosts.leftovers(no_leftovers) == []
+    assert netns.leftovers(no_leftovers) == []
 
 
 def test_a_fleet_whose_proxy_cannot_start_removes_what_it_made(no_leftovers: str, tmp_path) -> None:
@@ -84,7 +84,7 @@ def test_a_fleet_whose_proxy_cannot_start_removes_what_it_made(no_leftovers: str
         with Fleet(inv, log_dir=str(tmp_path)):
             pass
     assert "no-such-flag" in str(err.value)  # the proxy's own one-line complaint is in the message
-    assert hosts.leftovers(no_leftovers) == []
+    assert netns.leftovers(no_leftovers) == []
 
 
 def _http_json(url: str) -> dict:
@@ -147,14 +147,14 @@ def test_roles_in_five_namespaces_count_exactly_and_prometheus_sums_them(no_left
         assert api.scalar('sum(fooproxy_messages_total{type="ack"})') == total["msg_ack"]
         assert api.scalar('sum(fooproxy_messages_total{type="nak"})') == total["msg_nak"]
         assert api.scalar('count(fooproxy_messages_total{type="req"})') == 2
-    assert hosts.leftovers(no_leftovers) == []
+    assert netns.leftovers(no_leftovers) == []
 
 
 def test_master_bind_and_worker_spread_one_swarm_over_two_namespaces(no_leftovers: str) -> None:
     if importlib.util.find_spec("locust") is None:
         pytest.skip("locust is not installed (pip install -e '.[test]')")
     harness_cli = console_script("foo-harness", "harness.cli")
-    with hosts.Network() as net:
+    with netns.Network() as net:
         here, there = net.add("m"), net.add("w")
         swarm = [*harness_cli, "swarm", "--users", "10", "--spawn-rate", "10", "--duration", "4"]
         master_at = "%s:5557" % here.address

@@ -3,7 +3,7 @@
 The test installs Debian's ``openssh-server`` when it is missing (root, apt-get),
 makes a throwaway host key and client key, and runs ``sshd -D`` on port 22 of
 its namespace's bridge address. The Foo server and fooproxy then run on
-``ssh://root@<that address>`` (``harness.hosts.SshHost``); clients from here go
+``ssh://root@<that address>`` (``harness.SshHost``); clients from here go
 through the proxy and its SIGUSR2 stats (a ``kill`` over ssh, the JSON line
 streamed back) count them exactly. Skipped, saying why, without root and
 namespaces, Fabric, or an sshd that can be installed and started.
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import hosts, tasks
+from harness import netns, tasks
 from harness.apt import apt_install
 from harness.fleet import Fleet, inventory_from_dict
 from harness.processes import ProcessError
+from harness.ssh import SshHost
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -49,7 +50,7 @@ def _keygen(path: Path) -> None:
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """An sshd in its own namespace; ``(address, client key file)``. The namespace is removed afterwards."""
-    reason = hosts.netns_supported()
+    reason = netns.netns_supported()
     if reason:
         pytest.skip("cannot make a namespace for sshd: %s" % reason)
     if importlib.util.find_spec("fabric") is None:
@@ -63,7 +64,7 @@ def sshd(tmp_path: Path) -> Iterator[tuple[str, str]]:
     _keygen(keys / "id_client")
     (keys / "authorized_keys").write_text((keys / "id_client.pub").read_text())
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory (made by its service unit)
-    with hosts.Network() as net:
+    with netns.Network() as net:
         host = net.add("ssh")
         config = keys / "sshd_config"
         config.write_text(SSHD_CONFIG.format(address=host.address, dir=keys))
@@ -83,7 +84,7 @@ def test_server_and_fooproxy_on_an_ssh_host_count_exactly(sshd: tuple[str, str],
     )
     with Fleet(inv, log_dir=str(tmp_path)) as fleet:
         far_host = fleet.host("server")
-        assert isinstance(far_host, hosts.SshHost)
+        assert isinstance(far_host, SshHost)
         server, proxy = fleet.server, fleet.proxies[0]
         # They run over there: the remote PIDs are in the sshd's namespace, not children of this process.
         remote = far_host.check("ip netns identify $$; ps -o pid= -p %d,%d" % (server.pid, proxy.pid)).split()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from harness.fleet import DEFAULT_PORTS, InventoryError, apply_roles_spec, inventory_from_dict, load_inventory
-from harness.hosts import HostError, LocalHost, SshHost, parse_host
+from harness.hosts import HostError, LocalHost, parse_host
+from harness.ssh import SshHost
 
 EXAMPLE = """
 [hosts]
