@@ -132,6 +132,9 @@ def test_roles_in_five_namespaces_count_exactly_and_prometheus_sums_them(no_left
         per_proxy = res.per_proxy
         total = summed(per_proxy)
         assert all(s["msg_req"] > 0 for s in per_proxy), per_proxy  # both proxies carried load
+        for s in per_proxy:  # and each one balances on its own: every request it passed on was answered
+            assert s["msg_ack"] + s["msg_nak"] == s["msg_req"] and s["msg_total"] == 2 * s["msg_req"], s
+            assert s["msg_invalid"] == 0 and s["connections_active"] == 0, s
         assert total["msg_req"] == res.swarm.requests + clients * 100, detail
         assert total["msg_ack"] + total["msg_nak"] == res.swarm.answers + clients * 100, detail
         assert res.swarm.failures == 0 and res.swarm.other_failures == 0, detail
