@@ -225,6 +225,7 @@ class Fleet:
                     self.network = Network()
                     self.network.create()
                 self.hosts[name] = parse_host(name, spec, self.network)
+                self.hosts[name].probe()  # an unreachable host fails here, before any role starts
 
     def host(self, role: str, index: int = 0) -> Host:
         return self.hosts[self.inv.role_hosts(role)[index]]

@@ -87,6 +87,9 @@ class Host:
         """A new directory on this host (``remove_dir`` removes it)."""
         return tempfile.mkdtemp(prefix=prefix)
 
+    def probe(self) -> None:
+        """``HostError`` unless commands can run here now (an ssh host: connect and run ``true``)."""
+
     def remove_dir(self, path: str) -> None:
         """Remove a directory made by ``temp_dir``."""
         shutil.rmtree(path, ignore_errors=True)

@@ -9,6 +9,7 @@ as they do locally.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shlex
 import shutil
@@ -57,6 +58,9 @@ class SshHost(Host):
                     from fabric import Connection
                 except ImportError:
                     raise HostError("ssh hosts need Fabric: pip install 'fooproxy[hosts]' (fabric>=3,<4)") from None
+                # paramiko logs a failed handshake with a traceback from its transport thread;
+                # the error reaches the user once, as a HostError line, instead.
+                logging.getLogger("paramiko").addHandler(logging.NullHandler())
                 kwargs = dict(self.connect_kwargs)
                 kwargs.setdefault("timeout", 10)
                 self._conn = Connection(self.host, user=self.user, port=self.port, connect_kwargs=kwargs)
@@ -71,6 +75,9 @@ class SshHost(Host):
         if result.exited != 0:
             raise HostError("%s: `%s` exited %s: %s" % (self.describe(), cmd, result.exited, result.stderr.strip()))
         return result.stdout
+
+    def probe(self) -> None:
+        self.check("true")
 
     def run(
         self,

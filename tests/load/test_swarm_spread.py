@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from harness.bench.spread import local_inventory, spread_swarm
+from harness.processes import free_port
 
 needs_locust = pytest.mark.skipif(
     importlib.util.find_spec("locust") is None, reason="locust is not installed (pip install -e '.[test]')"
@@ -58,4 +59,13 @@ def test_spread_flags_reject_bad_input_in_one_line(args: list[str], message: str
     done = _swarm(*args)
     assert done.returncode == 2, done.stdout + done.stderr
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("fabric") is None, reason="Fabric is not installed (.[hosts])")
+def test_an_unreachable_ssh_host_is_one_line_before_anything_starts() -> None:
+    port = free_port()  # nothing listens there
+    done = _swarm("--roles", "server=ssh://root@127.0.0.1:%d proxies=local master=local workers=local" % port)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "127.0.0.1" in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
