@@ -38,6 +38,7 @@ import os
 import subprocess
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -382,13 +383,13 @@ class Fleet:
             time.sleep(0.05)
 
     def describe(self) -> str:
+        """Which peers, and each role's host(s), one role a line (``x2``: two processes on that host)."""
         lines = ["fleet: %s" % self.peers.describe()]
         for role in ROLES:
-            names = self.inv.role_hosts(role)
-            if names:
-                lines.append(
-                    "  %-10s %s" % (role, ", ".join(self.hosts[n].describe() for n in names if n in self.hosts))
-                )
+            counts = Counter(n for n in self.inv.role_hosts(role) if n in self.hosts)
+            if counts:
+                places = [self.hosts[n].describe() + (" x%d" % c if c > 1 else "") for n, c in counts.items()]
+                lines.append("  %-10s %s" % (role, ", ".join(places)))
         return "\n".join(lines)
 
 
