@@ -11,7 +11,7 @@ export GEVENT_MONITOR_THREAD_ENABLE ?= 1
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[test,hosts]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install fooproxy with its test tools

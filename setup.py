@@ -22,6 +22,8 @@ setup(
             "locust>=2.20,<3",
             "ruff>=0.5,<1",
         ],
+        # ssh:// hosts of harness.hosts (foo-harness swarm --inventory); imported only for them.
+        "hosts": ["fabric>=3,<4"],
     },
     entry_points={
         "console_scripts": [

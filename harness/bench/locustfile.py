@@ -25,18 +25,27 @@ equal its ``msg_ack + msg_nak``.
 Parameters: ``--foo-window`` (``$FOO_WINDOW``, default 16), ``--foo-churn``
 (``$FOO_CHURN``, 10), ``--foo-size`` (``$FOO_SIZE``, data bytes, 16),
 ``--foo-timeout`` (``$FOO_TIMEOUT``, seconds, 5). ``--host`` is ``host:port``
-or ``tcp://host:port``.
+or ``tcp://host:port``, or several separated by commas (one fooproxy per
+address): each user takes the next one in turn.
+
+Distributed runs (``--master`` / ``--worker``): when the run ends, the master
+asks every worker for a final report and waits for it (``foo_final``) before
+locust's own quit, which waits only half a second for the workers' last
+stats; so the master's ``--json`` counts every REQ the workers sent.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import socket
 import time
 from collections import deque
 
+import gevent
 from locust import User, constant, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
 from harness.peers.answer import check_answer
 
@@ -65,6 +74,58 @@ def parse_host(host: str | None) -> tuple[str, int]:
         host = host.split("://", 1)[1]
     name, _, port = host.rstrip("/").rpartition(":")
     return name.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_hosts(hosts: str | None) -> list[tuple[str, int]]:
+    """``--host`` as a list: ``"a:1,b:2"`` -> ``[("a", 1), ("b", 2)]`` (each as ``parse_host``)."""
+    return [parse_host(h.strip()) for h in (hosts or "").split(",") if h.strip()] or [parse_host(hosts)]
+
+
+# -- distributed runs: a final report from every worker before the master quits ----------
+FINAL_ASK = "foo_final"
+FINAL_REPORT = "foo_final_report"
+FINAL_TIMEOUT = 30.0  # seconds the master waits for the reports beyond --stop-timeout
+
+
+@events.init.add_listener
+def _register_final_report(environment, **_kw) -> None:
+    runner = environment.runner
+    if isinstance(runner, WorkerRunner):
+
+        def on_ask(environment, msg, **_kw) -> None:
+            # Stop the users (each drains what it is owed in on_stop), then send what
+            # is not yet reported, as locust's own periodic report does.
+            environment.runner.stop()
+            data: dict = {}
+            environment.events.report_to_master.fire(client_id=environment.runner.client_id, data=data)
+            environment.runner.send_message(FINAL_REPORT, data)
+
+        runner.register_message(FINAL_ASK, on_ask)
+    elif isinstance(runner, MasterRunner):
+        runner.foo_final_pending = set()
+
+        def on_report(environment, msg, **_kw) -> None:
+            environment.events.worker_report.fire(client_id=msg.node_id, data=msg.data)
+            environment.runner.foo_final_pending.discard(msg.node_id)
+
+        runner.register_message(FINAL_REPORT, on_report)
+
+
+@events.test_stop.add_listener
+def _collect_final_reports(environment, **_kw) -> None:
+    runner = environment.runner
+    if not isinstance(runner, MasterRunner):
+        return
+    ids = [client.id for client in runner.clients.all]
+    runner.foo_final_pending = set(ids)
+    for client_id in ids:
+        runner.send_message(FINAL_ASK, None, client_id)
+    deadline = time.monotonic() + (environment.stop_timeout or 0) + FINAL_TIMEOUT
+    while runner.foo_final_pending and time.monotonic() < deadline:
+        gevent.sleep(0.05)  # the master's receive greenlet handles the reports meanwhile
+    if runner.foo_final_pending:
+        environment.process_exit_code = 3
+        print("foo: no final report from worker(s) %s" % ", ".join(sorted(runner.foo_final_pending)), flush=True)
 
 
 class FooClient:
@@ -157,6 +218,7 @@ class FooUser(User):
     abstract = True
     wait_time = constant(0)
     scenario = "foo"
+    _numbers = itertools.count()  # spreads the users of this process over the --host targets
 
     def __init__(self, environment) -> None:
         super().__init__(environment)
@@ -164,7 +226,9 @@ class FooUser(User):
         self.window = max(1, getattr(opts, "foo_window", 16))
         self.churn = max(1, getattr(opts, "foo_churn", 10))
         timeout = getattr(opts, "foo_timeout", 5.0)
-        self.client = FooClient(parse_host(self.host), timeout, getattr(opts, "foo_size", 16))
+        targets = parse_hosts(self.host)
+        target = targets[next(FooUser._numbers) % len(targets)]
+        self.client = FooClient(target, timeout, getattr(opts, "foo_size", 16))
         self.req_name = "%s REQ" % self.scenario
         self._fire = environment.events.request.fire
         self._stopped = False

@@ -46,6 +46,13 @@ Options:
   --python           Use foo-server even when $FOO_BIN_DIR has the reference server.
   --keep-logs DIR    Keep every output under DIR: locust's (locust.out, locust.err), the
                      server's and fooproxy's (<name>-<id>.out and .err).
+  --processes N      Locust distributed: one master and N worker processes (0: one process) [default: 0].
+  --master-bind ADDR  With --processes N: the master listens on HOST:PORT and waits for N
+                     workers started elsewhere with --worker; the server and fooproxy listen on HOST too.
+  --worker MASTER    Only run a locust worker for the master at HOST:PORT.
+  --inventory FILE   Place the roles on hosts from a TOML inventory (README: Testing across machines).
+  --roles SPEC       Place roles by flag, over the inventory: "ROLE=HOST[,HOST] ...".
+  --clients N        With --inventory or --roles: also N Foo client runs [default: 0].
 """
 
 SCENARIOS = {
@@ -244,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if scenario not in SCENARIOS:
         sys.stderr.write("foo-harness swarm: unknown scenario %r (one of %s)\n" % (scenario, ", ".join(SCENARIOS)))
         return 2
+    if any(opts[k] for k in ("--worker", "--master-bind", "--inventory", "--roles")) or opts["--processes"] != "0":
+        from harness.bench.spread import spread_main
+
+        return spread_main(opts)
     users, rate, duration = int(opts["--users"]), float(opts["--spawn-rate"]), float(opts["--duration"])
     print(
         "swarm: %d users (+%g/s) for %gs, scenario %s, through fooproxy" % (users, rate, duration, scenario),

@@ -1,7 +1,7 @@
 """A real Prometheus scraping two fooproxy instances: the fleet totals are exact sums.
 
 Uses Debian's ``prometheus`` package (``.ci/run`` installs it; as root with
-apt-get the test installs it itself). Prometheus runs on loopback with a temp
+apt-get the test installs it itself: ``harness.prometheus.find_prometheus``). Prometheus runs on loopback with a temp
 config and storage dir and the shipped recording rules
 (``deploy/prometheus/fooproxy.rules.yml``). One instance runs ``-workers 2``,
 so its /metrics is the master's sum over its workers.
@@ -9,83 +9,25 @@ so its /metrics is the master's sum over its workers.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from harness import tasks
 from harness.processes import Process, free_port
+from harness.prometheus import RULES, SAMPLE_CONFIG, Api, command, find_prometheus, scrape_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
-RULES = DEPLOY / "fooproxy.rules.yml"
-SAMPLE_CONFIG = DEPLOY / "prometheus.yml"
-
-
-def _install_prometheus() -> str:
-    """The ``prometheus`` binary; installs Debian's package if missing, or skips saying why."""
-    found = shutil.which("prometheus")
-    if found:
-        return found
-    if not shutil.which("apt-get"):
-        pytest.skip("Prometheus not installed and no apt-get here: install the 'prometheus' package to run this")
-    if os.geteuid() != 0:
-        pytest.skip("Prometheus not installed and not root: run `apt-get install prometheus` (or .ci/run) first")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    steps = (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"])
-    for cmd in steps:
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-        except subprocess.TimeoutExpired:
-            pytest.skip("`%s` timed out: cannot install Debian's prometheus package" % " ".join(cmd))
-        if done.returncode != 0:
-            tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
-            pytest.skip("`%s` failed, Debian's prometheus package cannot be installed: %s" % (" ".join(cmd), tail))
-    found = shutil.which("prometheus")
-    if not found:
-        pytest.skip("the prometheus package installed no prometheus binary on PATH")
-    return found
 
 
 @pytest.fixture(scope="session")
 def prometheus_bin() -> str:
-    return _install_prometheus()
-
-
-def query(base: str, promql: str) -> list[dict]:
-    """Instant query through the HTTP API; the result vector."""
-    url = "%s/api/v1/query?%s" % (base, urllib.parse.urlencode({"query": promql}))
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        body = json.load(resp)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def scalar(base: str, promql: str) -> float | None:
-    """The single value of ``promql``, or None while it has no result yet."""
-    result = query(base, promql)
-    assert len(result) <= 1, result
-    return float(result[0]["value"][1]) if result else None
-
-
-def wait_value(base: str, promql: str, want: float, timeout: float = 45.0) -> None:
-    """Poll until ``promql`` evaluates to ``want`` (new scrapes and rule runs come every second)."""
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = scalar(base, promql)
-        if seen == want:
-            return
-        time.sleep(0.2)
-    raise AssertionError("%s = %s after %gs, want %s" % (promql, seen, timeout, want))
+    found, reason = find_prometheus()
+    if found is None:
+        pytest.skip(reason)
+    return found
 
 
 def test_promtool_accepts_the_shipped_config_and_rules(prometheus_bin: str) -> None:
@@ -105,25 +47,9 @@ def test_prometheus_sums_two_instances_exactly(procs, peers, prometheus_bin: str
     web = "127.0.0.1:%d" % free_port()
     config = tmp_path / "prometheus.yml"
     shutil.copy(RULES, tmp_path / RULES.name)
-    config.write_text(
-        "global:\n"
-        "  scrape_interval: 1s\n"
-        "  evaluation_interval: 1s\n"
-        "rule_files:\n"
-        "  - %s\n"
-        "scrape_configs:\n"
-        "  - job_name: fooproxy\n"
-        "    static_configs:\n"
-        "      - targets: ['%s', '%s']\n" % (RULES.name, http_a, http_b)
-    )
+    config.write_text(scrape_config([http_a, http_b], [RULES.name]))
     prom = Process(
-        [
-            prometheus_bin,
-            "--config.file=%s" % config,
-            "--storage.tsdb.path=%s" % (tmp_path / "data"),
-            "--web.listen-address=%s" % web,
-            "--log.level=warn",
-        ],
+        command(prometheus_bin, str(config), str(tmp_path / "data"), web),
         name="prometheus",
         log_dir=tmp_path,
         ready_port=tuple(tasks.split_address(web)),
@@ -131,9 +57,9 @@ def test_prometheus_sums_two_instances_exactly(procs, peers, prometheus_bin: str
     )
     procs.add(prom)
     prom.start()
-    base = "http://" + web
-    _wait_ready(base, prom)
-    wait_value(base, 'count(up{job="fooproxy"} == 1)', 2)
+    api = Api("http://" + web)
+    api.wait_ready(prom)
+    api.wait_value('count(up{job="fooproxy"} == 1)', 2)
 
     runs_a, runs_b = 12, 7
     assert not tasks.failures(tasks.run_clients_parallel(a.address, runs_a, peers=peers))
@@ -142,26 +68,12 @@ def test_prometheus_sums_two_instances_exactly(procs, peers, prometheus_bin: str
     assert stats_a["msg_req"] == runs_a * 100 and stats_b["msg_req"] == runs_b * 100
     want = {key: stats_a[key] + stats_b[key] for key in ("msg_req", "msg_ack", "msg_nak", "msg_total")}
 
-    wait_value(base, 'sum(fooproxy_messages_total{type="req"})', want["msg_req"])
-    assert scalar(base, 'sum(fooproxy_messages_total{type="ack"})') == want["msg_ack"]
-    assert scalar(base, 'sum(fooproxy_messages_total{type="nak"})') == want["msg_nak"]
+    api.wait_value('sum(fooproxy_messages_total{type="req"})', want["msg_req"])
+    assert api.scalar('sum(fooproxy_messages_total{type="ack"})') == want["msg_ack"]
+    assert api.scalar('sum(fooproxy_messages_total{type="nak"})') == want["msg_nak"]
     # The shipped recording rules give the same fleet fields.
     for field in ("msg_req", "msg_ack", "msg_nak", "msg_total"):
-        wait_value(base, 'job:fooproxy_%s:sum{job="fooproxy"}' % field, want[field])
+        api.wait_value('job:fooproxy_%s:sum{job="fooproxy"}' % field, want[field])
     for field in ("request_rate_1s", "request_rate_10s", "response_rate_1s", "response_rate_10s"):
-        assert scalar(base, 'job:fooproxy_%s:sum{job="fooproxy"}' % field) is not None, field
-    assert scalar(base, 'job:fooproxy_instances_up:count{job="fooproxy"}') == 2
-
-
-def _wait_ready(base: str, prom: Process, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/-/ready", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        assert prom.alive(), prom.tail()
-        assert time.monotonic() < deadline, "Prometheus not ready within %gs\n%s" % (timeout, prom.tail())
-        time.sleep(0.1)
+        assert api.scalar('job:fooproxy_%s:sum{job="fooproxy"}' % field) is not None, field
+    assert api.scalar('job:fooproxy_instances_up:count{job="fooproxy"}') == 2
