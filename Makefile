@@ -11,10 +11,10 @@ export GEVENT_MONITOR_THREAD_ENABLE ?= 1
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[test,hosts]'
+	$(BIN)/pip install -e '.[test,load,lint,hosts]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install fooproxy with its test tools
+install: $(STAMP)  ## create .venv and install fooproxy with everything make test, load and lint need
 
 test: $(STAMP)  ## every test that finishes in a few minutes (CI runs this)
 	$(BIN)/pytest tests
@@ -41,9 +41,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-tox: $(STAMP)
-	$(BIN)/pip install 'tox>=4,<5'
-	$(BIN)/tox
+tox: $(STAMP)  ## the tox matrix (TOX_ARGS="-e py312-gevent-min" for one env); pyenv's 3.11-3.13 made visible
+	$(BIN)/pip install 'tox>=4.11,<5'
+	PYENV_VERSION=$${PYENV_VERSION:-3.11:3.12:3.13} $(BIN)/tox $(TOX_ARGS)
 
 clean:
 	rm -rf $(VENV) .tox build *.egg-info .pytest_cache .ruff_cache

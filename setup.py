@@ -15,11 +15,17 @@ setup(
         "docopt-ng>=0.9,<1",
         "prometheus_client>=0.14,<1",
     ],
+    # Extras by use: the runtime install above stays gevent, docopt-ng and prometheus_client.
     extras_require={
         "test": [
             "pytest>=8,<10",
             "hypothesis>=6.100,<7",
+            "build>=1.0,<2",
+        ],
+        "load": [
             "locust>=2.20,<3",
+        ],
+        "lint": [
             "ruff>=0.5,<1",
         ],
         # ssh:// hosts of harness.hosts (foo-harness swarm --inventory); imported only for them.

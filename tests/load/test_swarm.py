@@ -7,12 +7,17 @@ importing it monkey-patches the test process.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from harness.bench.swarm import SwarmResult, check, parse_json_stats, report, swarm
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("locust") is None, reason="locust is not installed (pip install -e '.[load]')"
+)
 def test_swarm_through_fooproxy_counts_exactly(tmp_path) -> None:
     res = swarm(users=20, spawn_rate=20, duration=8, scenario="all", window=16, churn=10, keep_logs=tmp_path)
     detail = "%s\n%s\n%s" % (report(res), "\n".join(res.problems), res.locust_output[-2000:])
