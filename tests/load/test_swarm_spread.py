@@ -16,7 +16,7 @@ from harness.bench.spread import local_inventory, spread_swarm
 from harness.processes import free_port
 
 needs_locust = pytest.mark.skipif(
-    importlib.util.find_spec("locust") is None, reason="locust is not installed (pip install -e '.[test]')"
+    importlib.util.find_spec("locust") is None, reason="locust is not installed (pip install -e '.[load]')"
 )
 
 
