@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import NoReturn
 
 from docopt import DocoptExit, docopt
 
@@ -126,6 +127,6 @@ def parse(argv: list[str]) -> Config:
         _fail(str(exc))
 
 
-def _fail(message: str) -> NoReturn:  # type: ignore[name-defined]  # noqa: F821
+def _fail(message: str) -> NoReturn:
     sys.stderr.write("fooproxy: %s (see fooproxy -h)\n" % message)
     raise SystemExit(2)

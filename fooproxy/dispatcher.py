@@ -109,7 +109,7 @@ class Dispatcher:
         self.stats.set("pool_open", open_)
 
     # -- lifecycle ----------------------------------------------------------
-    def start(self, serve_proxy: bool = True) -> None:
+    def start(self) -> None:
         """Bind and start serving; raises StartupError with a one-line reason.
 
         Binds happen before anything is written, so a second instance that
@@ -130,7 +130,7 @@ class Dispatcher:
             self.http = HttpServer(cfg.http, make_app(self.snapshot, health, get_extra=health.gauges), logger=log)
             self.http.start()
         self._install_signals()
-        where = self.serve() if serve_proxy else "(no proxy)"
+        where = self.serve()
         if cfg.http:
             self.checker.start()
         if self.saver is not None:

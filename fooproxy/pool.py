@@ -2,9 +2,10 @@
 
 Reuse is decided twice:
 
-* by the session: ``Proxy.handle`` releases a connection as reusable only when
-  ``DataBus.clean`` holds (the client closed, every line it sent has had its
-  answer delivered, no half line either way, the upstream never sent EOF).
+* by the session: the Proxy's session-end callback releases a connection as
+  reusable only when ``DataBus.clean`` holds (the client closed, every line it
+  sent has had its answer delivered, no half line either way, the upstream
+  never sent EOF).
   Anything else (linger ran out, idle timeout, error, drain) closes it.
 * here, before it is handed out again: a non-blocking ``recv(1, MSG_PEEK)`` on
   the idle socket must find nothing to read. EOF (the server closed it), a

@@ -26,8 +26,8 @@ class MiniServer:
     """Answers each line ``T SEQ ...`` with ``ACK SEQ`` (``NAK 0 ERR`` otherwise).
 
     Like the reference server it never closes after the client's EOF unless
-    ``close_on_eof``; ``split`` sends each answer in two segments; ``hold``
-    makes it read but not answer until the event is set.
+    ``close_on_eof``; ``split`` sends each answer in two segments; clearing
+    the ``release`` event makes it read but not answer until it is set again.
     """
 
     def __init__(self, close_on_eof: bool = False, split: bool = False) -> None:
