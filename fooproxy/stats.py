@@ -39,7 +39,16 @@ _HEADER = 16  # cells reserved for counters (room to grow without a layout chang
 BLOCK_CELLS = _HEADER + timetable.CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
 
-(_REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR) = range(9)
+# Cell indices for the hot path, derived from COUNTERS (never a literal order).
+_REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR = (
+    _IDX[name]
+    for name in (
+        "msg_req", "msg_ack", "msg_nak", "msg_invalid", "connections_active", "connections_total",
+        "bytes_client_to_server", "bytes_server_to_client", "upstream_errors",
+    )
+)  # fmt: skip
+# The time table's geometry, for the inlined write in Stats.record.
+_TICKS, _SLOTS, _STRIDE = timetable.TICKS_PER_S, timetable.SLOTS, timetable.STRIDE
 
 
 def new_block() -> memoryview:
@@ -62,7 +71,9 @@ class Stats:
         completed; return how many lines that was.
 
         Called once per chunk in each direction: kept to a few cell updates, with
-        the time table's write inlined (see ``TimeTable.add``).
+        the time table's write inlined: ``TimeTable.restore`` of one
+        ``(0, req, resp)`` bucket, with this module's copies of its constants
+        (``test_record_writes_the_cells_a_reference_writer_would`` holds them together).
         """
         c = self.block
         c[_B_C2S if to_server else _B_S2C] += nbytes
@@ -79,8 +90,8 @@ class Stats:
                 c[_NAK] += nak
         elif not req:
             return inv
-        b = int(self.clock() * 100)  # timetable.bucket_of, inlined
-        i = _HEADER + (b % timetable.SLOTS) * 3
+        b = int(self.clock() * _TICKS)  # timetable.bucket_of, inlined
+        i = _HEADER + (b % _SLOTS) * _STRIDE
         if c[i] != b:
             c[i] = b
             c[i + 1] = req
@@ -137,33 +148,23 @@ class Snapshot:
 
     @classmethod
     def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> Snapshot:
+        """Sum counter blocks (one process's, or every worker's slot) as of ``now``."""
         blocks = list(blocks)
         totals = {name: sum(b[i] for b in blocks) for i, name in enumerate(COUNTERS)}
-        tables = [b[_HEADER:] for b in blocks]
-        merged: dict[int, list[int]] = {}
-        for cells in tables:
-            for age, req, resp in TimeTable(cells).buckets(now):
-                slot = merged.setdefault(age, [0, 0])
-                slot[0] += req
-                slot[1] += resp
+        buckets = timetable.merge_buckets(*(TimeTable(b[_HEADER:]).buckets(now) for b in blocks))
         return cls(
             totals=totals,
-            windows=timetable.window_counts(tables, now),
+            windows=timetable.window_sums(buckets),
             uptime_s=max(0.0, now - started),
-            buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
+            buckets=buckets,
         )
 
     def __add__(self, other: Snapshot) -> Snapshot:
-        merged: dict[int, list[int]] = {}
-        for age, req, resp in [*self.buckets, *other.buckets]:
-            slot = merged.setdefault(age, [0, 0])
-            slot[0] += req
-            slot[1] += resp
         return Snapshot(
             totals={k: self.totals.get(k, 0) + other.totals.get(k, 0) for k in {*self.totals, *other.totals}},
             windows=tuple(a + b for a, b in zip(self.windows, other.windows, strict=True)),  # type: ignore[arg-type]
             uptime_s=max(self.uptime_s, other.uptime_s),
-            buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
+            buckets=timetable.merge_buckets(self.buckets, other.buckets),
         )
 
     def as_dict(self) -> dict[str, int | float]:
