@@ -171,21 +171,20 @@ class Proxy(StreamServer):
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
                 keep_upstream=self.connector.reuses,
-                peer=peer,
-                started=started,
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             self.connector.release(upstream, False)
             self._closed(client, peer, "error: %s" % exc, started)
             return
         self.sessions.add(bus)
-        bus.start(self._session_ended)
+        # The client's address and accept time stay here, in the end callback's closure.
+        bus.start(lambda bus: self._session_ended(bus, peer, started))
 
-    def _session_ended(self, bus: DataBus) -> None:
+    def _session_ended(self, bus: DataBus, peer: str, started: float) -> None:
         """DataBus end callback, in the hub: release the upstream, close the client."""
         self.sessions.discard(bus)
         self.connector.release(bus.upstream, bus.clean)
-        self._closed(bus.client, bus.peer, bus.ending, bus.started, bus)
+        self._closed(bus.client, peer, bus.ending, started, bus)
 
     def _closed(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
                 bus: DataBus | None = None) -> None:  # fmt: skip

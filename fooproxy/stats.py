@@ -66,9 +66,10 @@ class Stats:
         self.table = TimeTable(self.block[_HEADER:], clock)
 
     # -- hot path ---------------------------------------------------------
-    def record(self, to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> int:
-        """Account one forwarded chunk and the ``(req, ack, nak, invalid)`` lines it
-        completed; return how many lines that was.
+    def record(self, to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> None:
+        """Account one forwarded chunk and the ``(req, ack, nak, invalid)`` lines it completed.
+
+        It only records: the session keeps its own line counts (metrics never steer sessions).
 
         Called once per chunk in each direction: kept to a few cell updates, with
         the time table's write inlined: ``TimeTable.restore`` of one
@@ -89,7 +90,7 @@ class Stats:
             if nak:
                 c[_NAK] += nak
         elif not req:
-            return inv
+            return  # no request and no response: nothing for the time table
         b = int(self.clock() * _TICKS)  # timetable.bucket_of, inlined
         i = _HEADER + (b % _SLOTS) * _STRIDE
         if c[i] != b:
@@ -101,7 +102,6 @@ class Stats:
                 c[i + 1] += req
             if resp:
                 c[i + 2] += resp
-        return req + resp + inv
 
     def connection_opened(self) -> None:
         self.block[_ACTIVE] += 1

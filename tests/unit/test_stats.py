@@ -164,7 +164,7 @@ def test_record_writes_the_cells_a_reference_writer_would():
         clock.t += rng.choice((0.0, 0.004, 0.01, 0.37, 3.3, 10.0, 25.0))
         counts = Counts(*(rng.choice((0, 0, 1, 2, 7)) for _ in range(4)))
         to_server, nbytes = rng.random() < 0.5, rng.randrange(1, 70000)
-        stats.record(to_server, nbytes, counts)
+        assert stats.record(to_server, nbytes, counts) is None  # metrics record, they answer nothing
         _reference_record(expected, clock.t, to_server, nbytes, counts)
         assert stats.block.tobytes() == expected.tobytes()
 
