@@ -36,6 +36,7 @@ import socket as _stdsocket
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NoReturn
 
 import gevent
 from gevent.event import AsyncResult
@@ -53,6 +54,8 @@ _MIN_REAP_INTERVAL = 0.05  # a tiny -pool-idle must not turn the reaper into a b
 
 class PoolExhausted(UpstreamError):
     """No pooled connection became free within the wait."""
+
+    reason = "no pooled upstream connection free"
 
 
 def healthy(sock: socket) -> bool:
@@ -111,11 +114,10 @@ class UpstreamPool(Connector):
         self._closed = False
         self._reaper = None  # hub timer, created when something first goes idle
 
-    # -- state --------------------------------------------------------------
-    @property
-    def reuses(self) -> bool:
-        return True
+    connects_from_hub = False  # a client may have to queue: acquire() in a greenlet
+    reuses = True
 
+    # -- state --------------------------------------------------------------
     @property
     def idle_count(self) -> int:
         """Connections open and waiting for a client."""
@@ -132,6 +134,10 @@ class UpstreamPool(Connector):
         return len(self._waiters)
 
     # -- Connector ------------------------------------------------------------
+    def dial(self, done: Callable) -> NoReturn:
+        """Refused: a connect from the hub would skip the slot accounting (use ``acquire``)."""
+        raise TypeError("UpstreamPool hands out connections with acquire(), in a greenlet; it has no dial()")
+
     def acquire(self) -> socket:
         """An idle healthy connection (newest first), a new one, or one freed within ``wait``."""
         if self._closed:

@@ -13,14 +13,10 @@ from gevent.socket import socket
 
 from fooproxy.config import Config
 from fooproxy.databus import SHUT_DOWN, DataBus
-from fooproxy.pool import PoolExhausted
 from fooproxy.stats import Stats
 from fooproxy.upstream import Connector, Dial, UpstreamError
 
 log = logging.getLogger("fooproxy.proxy")
-
-UNREACHABLE = "upstream unreachable"
-POOL_BUSY = "no pooled upstream connection free"
 
 
 class RepeatFilter:
@@ -46,11 +42,11 @@ class RepeatFilter:
 class Proxy(StreamServer):
     """Accepts clients on a pre-bound listener and forwards each to the upstream.
 
-    Without a pool, the upstream is dialled from the accept callback on
-    watchers (``Dial``) and the session runs on watchers (``DataBus``): no
-    greenlet per client. With a pool (which may queue a client) or before the
-    address is resolved, a short-lived handler greenlet gets the upstream and
-    exits once the session has started. Per-connection state lives on the
+    The connector says how it connects (``connects_from_hub``): without a
+    pool, the upstream is dialled from the accept callback on watchers
+    (``Dial``) and the session runs on watchers (``DataBus``): no greenlet per
+    client. With a pool (which may queue a client), a short-lived handler
+    greenlet gets the upstream and exits once the session has started. Per-connection state lives on the
     DataBus, never here. ``open`` counts clients from accept to close: at
     ``max_conns`` the server stops accepting and new clients wait in the
     kernel's backlog until one leaves.
@@ -78,6 +74,8 @@ class Proxy(StreamServer):
         self.open = 0
         self._all_closed = Event()
         self._all_closed.set()
+        # Decided once: the connector's kind does not change while we serve.
+        self._from_hub = connector.connects_from_hub
         connector.prepare()
 
     # -- admission (BaseServer hooks) ----------------------------------------
@@ -88,12 +86,11 @@ class Proxy(StreamServer):
         """In the accept callback: dial from here, or spawn ``handle`` when that may wait."""
         self.open += 1
         self._all_closed.clear()
-        connector = self.connector
         try:
-            if connector.reuses or not connector.resolved:
-                super().do_handle(client, address)  # the pool may queue us; DNS needs a greenlet
-            else:
+            if self._from_hub:
                 self._dial(client, address)  # no greenlet at all: the common, unpooled case
+            else:
+                super().do_handle(client, address)  # the pool may queue us: a handler greenlet
         except BaseException:
             self._closed(client)
             raise
@@ -156,10 +153,9 @@ class Proxy(StreamServer):
 
     def _no_upstream(self, client: socket, peer: str, started: float, exc: UpstreamError) -> None:
         self.stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
-        how = POOL_BUSY if isinstance(exc, PoolExhausted) else UNREACHABLE
-        # Keyed by kind, so a burst of one does not hide the first report of the other.
-        self.upstream_errors.warn(type(exc).__name__, "%s: %s" % (peer, exc))
-        self._closed(client, peer, how, started)
+        # Keyed by reason, so a burst of one does not hide the first report of the other.
+        self.upstream_errors.warn(exc.reason, "%s: %s" % (peer, exc))
+        self._closed(client, peer, exc.reason, started)
 
     def _begin(self, client: socket, peer: str, started: float, upstream: socket) -> None:
         config = self.config
@@ -196,8 +192,8 @@ class Proxy(StreamServer):
         self.open -= 1
         if self.open <= 0:
             self._all_closed.set()
-        elif self.open == self.config.max_conns - 1:
-            self._start_accepting_if_started()  # a place is free again
+        elif self.open == self.config.max_conns - 1 and self.started:
+            self.start_accepting()  # a place is free again (a no-op if still accepting)
 
     # -- drain ---------------------------------------------------------------------
     def wait_closed(self, timeout: float | None = None) -> bool:

@@ -7,6 +7,7 @@ greenlet would freeze the hub the proxy runs on.
 from __future__ import annotations
 
 import gc
+import socket as _stdsocket
 
 import gevent
 import greenlet
@@ -184,3 +185,34 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool
             gevent.sleep(interval)
         return True
     return predicate()
+
+
+@pytest.fixture
+def blackhole():
+    """A loopback listener whose accept queue is full: new SYNs are dropped, connects hang.
+
+    Linux drops a SYN when the listener's accept queue is full (the proxy never
+    sends anything off 127.0.0.0/8). Fillers are added until one times out.
+    """
+    lsock = _stdsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    address = lsock.getsockname()
+    fillers = []
+    try:
+        for _ in range(16):
+            s = socket.socket()
+            s.settimeout(0.2)
+            try:
+                s.connect(address)
+            except TimeoutError:
+                s.close()
+                break
+            fillers.append(s)
+        else:
+            pytest.skip("could not fill the listen backlog on this kernel")
+        yield Address("127.0.0.1", address[1])
+    finally:
+        for s in fillers:
+            s.close()
+        lsock.close()

@@ -105,13 +105,22 @@ def test_upstream_down_closes_client_and_keeps_serving(mini_server, proxy_for):
         c.close()
     assert wait_until(lambda: totals(d)["upstream_errors"] == 3)
     assert totals(d)["connections_active"] == 0
-    # The proxy is still there and serves once a server appears.
+    # The proxy is still there and serves once a server appears where the name
+    # now points: a refused connect re-resolves it in the background.
     srv = mini_server()
     d.connector.address = srv.address
-    d.connector._targets = None
-    c = connect(d.address)
-    c.sendall(b"REQ 9 x\n")
-    assert read_lines(c, 1) == [b"ACK 9 ok"]
+
+    def served() -> bool:
+        c = connect(d.address)
+        try:
+            c.sendall(b"REQ 9 x\n")
+            return read_lines(c, 1) == [b"ACK 9 ok"]
+        except ConnectionResetError:  # still the old target: refused, closed by the proxy
+            return False
+        finally:
+            c.close()
+
+    assert wait_until(served, timeout=5, interval=0.1)
 
 
 def test_upstream_closing_mid_session_ends_it(mini_server, proxy_for):
