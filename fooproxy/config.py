@@ -88,7 +88,7 @@ def optional(text: str) -> str | None:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-#: Workers stamp a heartbeat every 0.5 s (workers.HEARTBEAT_INTERVAL): allow at least two.
+#: Workers stamp a heartbeat every 0.5 s (worker.HEARTBEAT_INTERVAL): allow at least two.
 MIN_HEARTBEAT_TIMEOUT = 1.0
 
 

@@ -13,10 +13,30 @@ from gevent.socket import socket
 
 from fooproxy.config import Config
 from fooproxy.databus import SHUT_DOWN, DataBus
+from fooproxy.pool import UpstreamPool
 from fooproxy.stats import Stats
 from fooproxy.upstream import Connector, Dial, UpstreamError
 
 log = logging.getLogger("fooproxy.proxy")
+
+
+def connector_for(config: Config, stats: Stats) -> Connector:
+    """The Connector the config asks for: a pool (its gauges in ``stats``) or one connection per client."""
+    if config.pool_size <= 0:
+        return Connector(config.forward, config.connect_timeout)
+
+    def pool_gauges(idle: int, open_: int) -> None:
+        stats.set("pool_idle", idle)
+        stats.set("pool_open", open_)
+
+    return UpstreamPool(
+        config.forward,
+        config.connect_timeout,
+        config.pool_size,
+        config.pool_wait,
+        config.pool_idle,
+        on_change=pool_gauges,
+    )
 
 
 class RepeatFilter:
@@ -196,6 +216,16 @@ class Proxy(StreamServer):
             self.start_accepting()  # a place is free again (a no-op if still accepting)
 
     # -- drain ---------------------------------------------------------------------
+    def drain(self, grace: float) -> None:
+        """Stop accepting; let open sessions finish within ``grace``, then end them."""
+        self.close()  # stops accepting and closes the listener
+        open_now = len(self.sessions)
+        if open_now:
+            log.info("draining %d open session(s) for up to %gs", open_now, grace)
+        if not self.wait_closed(grace):
+            log.warning("grace period over: closing %d session(s)", self.open)
+            self.close_sessions()
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until every client is closed; False if ``timeout`` ran out first."""
         return self._all_closed.wait(timeout)

@@ -6,10 +6,17 @@ first, then a ``TimeTable`` ring. One writer per block; readers in the same or
 another process sum blocks with ``Snapshot.from_blocks``. A ``Snapshot`` is a
 plain value: it sums with ``+``, turns into the SIGUSR2/``/stats`` JSON with
 ``as_dict()``, and carries its window buckets for the recovery file.
+
+``SlotTable`` is the shared ``mmap`` of ``-workers N``, laid out here beside
+the block it holds: per slot a few supervision cells (the heartbeat; not
+metrics, never summed or shown), then one stats block.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,11 +37,10 @@ COUNTERS = (
     "upstream_errors",
     "pool_idle",
     "pool_open",
-    "heartbeat_ns",
 )
 _IDX = {name: i for i, name in enumerate(COUNTERS)}
 # Counters that describe the present, not a history: never restored from a file.
-GAUGES = frozenset({"connections_active", "pool_idle", "pool_open", "heartbeat_ns"})
+GAUGES = frozenset({"connections_active", "pool_idle", "pool_open"})
 _HEADER = 16  # cells reserved for counters (room to grow without a layout change)
 BLOCK_CELLS = _HEADER + timetable.CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
@@ -183,7 +189,102 @@ class Snapshot:
             "response_rate_10s": round(s10 / timetable.WINDOWS[1], 3),
         }
         for name in COUNTERS[3:]:
-            if name != "heartbeat_ns":
-                out[name] = t.get(name, 0)
+            out[name] = t.get(name, 0)
         out["uptime_s"] = round(self.uptime_s, 3)
         return out
+
+
+# -- the workers' shared table ---------------------------------------------------------
+#: Cells before each slot's stats block: supervision data, not metrics.
+SUPERVISION_CELLS = 8
+_HEARTBEAT = 0  # time.monotonic_ns() of the worker's last stamp; 0 = not ready
+SLOT_CELLS = SUPERVISION_CELLS + BLOCK_CELLS
+SLOT_BYTES = SLOT_CELLS * 8
+_GAUGE_CELLS = tuple(_IDX[name] for name in sorted(GAUGES))
+_MESSAGE_CELLS = (_REQ, _ACK, _NAK)
+
+
+class SlotTable:
+    """Slots in one shared ``mmap``: ``0..workers-1`` for workers, then the base slot.
+
+    Each slot is a heartbeat cell (``heartbeat``/``beat``) and a stats block
+    (``blocks``). One writer per slot: a worker writes its own, the master
+    writes the base slot and, only while no worker owns a slot, that slot's
+    gauges and heartbeat.
+    """
+
+    def __init__(self, fd: int, mapping: mmap.mmap) -> None:
+        self.fd = fd
+        self._mmap = mapping
+        count = len(mapping) // SLOT_BYTES
+        if count < 2 or len(mapping) % SLOT_BYTES:
+            raise ValueError("not a worker table: %d bytes" % len(mapping))
+        self.workers = count - 1
+        view = memoryview(mapping)
+        slots = [view[i * SLOT_BYTES : (i + 1) * SLOT_BYTES].cast("q") for i in range(count)]
+        view.release()
+        self._supervision = [slot[:SUPERVISION_CELLS] for slot in slots]
+        self.blocks = [slot[SUPERVISION_CELLS:] for slot in slots]
+        for slot in slots:
+            slot.release()
+
+    @classmethod
+    def create(cls, workers: int) -> SlotTable:
+        """A zeroed table for ``workers`` workers, in an anonymous file (no name to clean up)."""
+        size = (workers + 1) * SLOT_BYTES
+        try:
+            fd = os.memfd_create("fooproxy-stats")
+        except (AttributeError, OSError):  # not Linux, or an old kernel
+            handle, path = tempfile.mkstemp(prefix="fooproxy-stats-")
+            os.unlink(path)
+            fd = handle
+        os.ftruncate(fd, size)  # reads as zeros
+        return cls(fd, mmap.mmap(fd, size))
+
+    @classmethod
+    def attach(cls, fd: int) -> SlotTable:
+        """Map the table the master created (a worker, given the descriptor)."""
+        return cls(fd, mmap.mmap(fd, os.fstat(fd).st_size))
+
+    @property
+    def base(self) -> memoryview:
+        """The master's own block: restored history, written by no worker."""
+        return self.blocks[-1]
+
+    def beat(self, slot: int, now_ns: int) -> None:
+        """Stamp ``slot``'s heartbeat (its worker, every heartbeat interval)."""
+        self._supervision[slot][_HEARTBEAT] = now_ns
+
+    def heartbeat_ns(self, slot: int) -> int:
+        """The last heartbeat stamped in ``slot`` (``time.monotonic_ns()``), 0 before the first."""
+        return self._supervision[slot][_HEARTBEAT]
+
+    def messages(self, slot: int) -> int:
+        """REQ + ACK + NAK counted in ``slot`` (for log lines)."""
+        block = self.blocks[slot]
+        return sum(block[i] for i in _MESSAGE_CELLS)
+
+    def reset(self, slot: int) -> None:
+        """Zero the gauges and the heartbeat of a slot whose worker is gone.
+
+        Its connections and pool died with it; totals and window buckets stay:
+        the replacement continues from them. A zero heartbeat marks the slot
+        "not ready" until the replacement stamps its first one.
+        """
+        block = self.blocks[slot]
+        for i in _GAUGE_CELLS:
+            block[i] = 0
+        self._supervision[slot][_HEARTBEAT] = 0
+
+    def snapshot(self, started: float, now: float | None = None) -> Snapshot:
+        """All stats blocks summed, as of ``now`` (default: the system-wide monotonic clock)."""
+        return Snapshot.from_blocks(self.blocks, time.monotonic() if now is None else now, started)
+
+    def close(self) -> None:
+        """Unmap and close (tests; a process simply exits)."""
+        for view in (*self.blocks, *self._supervision):
+            view.release()
+        self.blocks = []
+        self._supervision = []
+        self._mmap.close()
+        os.close(self.fd)

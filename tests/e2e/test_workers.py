@@ -243,13 +243,33 @@ def test_stuck_worker_is_killed_and_replaced(procs, server: tasks.Service, peers
     victim = workers_of(proxy)[0]
     os.kill(victim, signal.SIGSTOP)  # a hub that never comes back
     t0 = time.monotonic()
-    proxy.wait_for_output(r"pid %d\): no heartbeat for" % victim, timeout=20)
+    proxy.wait_for_output(r"pid %d\): no heartbeat for .*; aborting it \(SIGABRT" % victim, timeout=20)
     assert time.monotonic() - t0 < 8  # the flag, not the 10 s default, decided
+    # A stopped process keeps SIGABRT pending: SIGKILL follows.
+    proxy.wait_for_output(r"pid %d\): still there after SIGABRT; killing it" % victim, timeout=15)
+    proxy.wait_for_output(r"pid %d\) was killed by SIGKILL \(no heartbeat\)" % victim, timeout=15)
     proxy.wait_for_output(READY_AGAIN, timeout=15)
     assert not running(victim)
     results = tasks.run_clients_parallel(proxy.address, 10, peers=peers)
     assert not tasks.failures(results)
     assert_exact(tasks.signal_stats(proxy), runs=10)
+
+
+def test_stuck_worker_leaves_a_traceback_when_aborted(procs, server: tasks.Service, peers) -> None:
+    """As gunicorn does: SIGABRT before SIGKILL, and the worker's faulthandler says where it hung."""
+    proxy = start_proxy(procs, server, "-heartbeat-timeout", "1")
+    victim = workers_of(proxy)[0]
+    os.kill(victim, signal.SIGSTOP)  # its hub stops: no heartbeat
+    proxy.wait_for_output(r"pid %d\): no heartbeat for .*; aborting it" % victim, timeout=20)
+    os.kill(victim, signal.SIGCONT)  # the pending SIGABRT is delivered now, before the SIGKILL
+    proxy.wait_for_output(r"pid %d\) was killed by SIGABRT \(no heartbeat\)" % victim, timeout=15)
+    text = proxy.stderr_text()
+    assert "Fatal Python error: Aborted" in text
+    assert re.search(r"(Current thread|Thread) 0x[0-9a-f]+ .*\(most recent call first\):\n  File ", text), text[-2000:]
+    assert "still there after SIGABRT" not in text  # SIGKILL was not needed
+    proxy.wait_for_output(READY_AGAIN, timeout=15)
+    results = tasks.run_clients_parallel(proxy.address, 4, peers=peers)
+    assert not tasks.failures(results)
 
 
 @pytest.mark.parametrize("target", ["master", "group"])
