@@ -19,7 +19,8 @@ from fooproxy.stats import Snapshot, Stats
 
 
 class Dispatcher:
-    """Runs one proxy process until told to stop: a Proxy plus the Services."""
+    """The Go tool's Dispatcher: here one proxy process (no ``-workers``), a Proxy
+    plus the Services, run until a stop signal."""
 
     def __init__(self, config: Config, stats: Stats | None = None) -> None:
         self.config = config

@@ -134,9 +134,11 @@ class UpstreamPool(Connector):
         return len(self._waiters)
 
     # -- Connector ------------------------------------------------------------
-    def dial(self, done: Callable) -> NoReturn:
+    def connect_from_hub(self, done: Callable) -> NoReturn:
         """Refused: a connect from the hub would skip the slot accounting (use ``acquire``)."""
-        raise TypeError("UpstreamPool hands out connections with acquire(), in a greenlet; it has no dial()")
+        raise TypeError(
+            "UpstreamPool hands out connections with acquire(), in a greenlet; it has no connect_from_hub()"
+        )
 
     def acquire(self) -> socket:
         """An idle healthy connection (newest first), a new one, or one freed within ``wait``."""
@@ -152,13 +154,13 @@ class UpstreamPool(Connector):
         if self._open < self.size:
             self._open += 1
             self._changed()
-            return self._dial()
+            return self._connect_in_slot()
         got = self._wait_turn()
         if got is not _SLOT:
             if healthy(got):
                 return got
             _close(got)  # the slot stays ours: dial a replacement in it
-        return self._dial()
+        return self._connect_in_slot()
 
     def release(self, sock: socket, reusable: bool) -> None:
         """Keep a clean connection (or hand it to the first waiter); close any other."""
@@ -195,7 +197,7 @@ class UpstreamPool(Connector):
         self._changed()
 
     # -- internals ----------------------------------------------------------
-    def _dial(self) -> socket:
+    def _connect_in_slot(self) -> socket:
         """Connect in a slot already counted in ``_open``; free it if that fails."""
         try:
             sock = Connector.acquire(self)

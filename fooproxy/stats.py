@@ -63,7 +63,8 @@ def new_block() -> memoryview:
 
 
 class Stats:
-    """The single writer of one counter block. Hot-path methods are O(1)."""
+    """The Go tool's Stats: here the single writer of one process's counter block
+    (its own buffer, or its slot in the workers' table). Hot-path methods are O(1)."""
 
     def __init__(self, block: memoryview | None = None, clock: Clock = time.monotonic) -> None:
         self.block = new_block() if block is None else block

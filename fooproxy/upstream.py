@@ -2,9 +2,10 @@
 
 ``Connector`` is the interface the proxy uses. It says once, in
 ``connects_from_hub``, how it hands out connections: from the hub
-(``dial(done)``, a ``Dial`` on watchers, called from the accept callback) or
-in a greenlet (``acquire()``, which may wait: the pooled variant in
-``pool.py``, which also reuses clean connections instead of closing them).
+(``connect_from_hub(done)``, a ``HubConnect`` on watchers, called from the
+accept callback) or in a greenlet (``acquire()``, which may wait: the pooled
+variant in ``pool.py``, which also reuses clean connections instead of
+closing them). ``connect_first`` is the blocking connect a greenlet uses.
 Either way a failure is an ``UpstreamError`` whose ``reason`` is what the
 client's close line says.
 """
@@ -41,7 +42,7 @@ def resolve(address: Address) -> list[tuple]:
     return [(family, sockaddr) for family, _type, _proto, _name, sockaddr in infos]
 
 
-def dial(targets: list[tuple], timeout: float) -> socket.socket:
+def connect_first(targets: list[tuple], timeout: float) -> socket.socket:
     """Connect to the first target that accepts, with ``timeout`` per attempt."""
     last: OSError | None = None
     for family, sockaddr in targets:
@@ -63,7 +64,7 @@ def dial(targets: list[tuple], timeout: float) -> socket.socket:
 class Connector:
     """One fresh upstream connection per client, connected from the hub."""
 
-    #: True: ``dial(done)`` from the accept callback, no greenlet. False:
+    #: True: ``connect_from_hub(done)`` from the accept callback, no greenlet. False:
     #: ``acquire()`` in a greenlet, which may wait (a pool). Fixed per class.
     connects_from_hub = True
     #: Whether released connections may be kept (sessions then keep the upstream open).
@@ -87,22 +88,22 @@ class Connector:
         try:
             self.targets()
         except OSError:
-            pass  # not resolvable yet: the first connect resolves it (a Dial does so in a greenlet)
+            pass  # not resolvable yet: the first connect resolves it (a HubConnect does so in a greenlet)
 
     def acquire(self) -> socket.socket:
         """A connected upstream socket, or ``UpstreamError`` saying why not (blocks this greenlet)."""
         try:
-            return dial(self.targets(), self.connect_timeout)
+            return connect_first(self.targets(), self.connect_timeout)
         except OSError as exc:
             raise self.failure(exc) from None
 
-    def dial(self, done: Callable[[socket.socket | None, UpstreamError | None], None]) -> Dial:
+    def connect_from_hub(self, done: Callable[[socket.socket | None, UpstreamError | None], None]) -> HubConnect:
         """Start a connect from the hub: ``done(sock, None)``, ``done(None, error)``, or ``done(None, None)``
         if cancelled."""
         report = lambda sock, exc: done(sock, exc and self.failure(exc))  # noqa: E731
-        if self._targets is None:  # never resolved: the Dial resolves first, in a greenlet
-            return Dial(None, self.connect_timeout, report, resolve=self.targets)
-        return Dial(self._targets, self.connect_timeout, report)
+        if self._targets is None:  # never resolved: the HubConnect resolves first, in a greenlet
+            return HubConnect(None, self.connect_timeout, report, resolve=self.targets)
+        return HubConnect(self._targets, self.connect_timeout, report)
 
     def failure(self, exc: OSError) -> UpstreamError:
         """The ``UpstreamError`` a failed connect is reported as."""
@@ -144,10 +145,10 @@ class Connector:
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EINTR})
 
 
-class Dial:
+class HubConnect:
     """One upstream connect driven by libev watchers, for callers in the hub.
 
-    Tries each target in turn with ``timeout`` each, like ``dial``, then calls
+    Tries each target in turn with ``timeout`` each, like ``connect_first``, then calls
     ``done(sock, None)`` or ``done(None, last_error)`` exactly once (possibly
     before the constructor returns). ``cancel()`` stops it and calls
     ``done(None, None)``. Given no targets but ``resolve``, it first resolves

@@ -20,7 +20,7 @@ from fooproxy.config import Address, Config
 from fooproxy.databus import DataBus, Flow
 from fooproxy.dispatcher import Dispatcher
 from fooproxy.stats import Stats
-from fooproxy.upstream import Dial
+from fooproxy.upstream import HubConnect
 
 
 class MiniServer:
@@ -132,11 +132,11 @@ def proxy_for():
     for d in made:
         assert len(d.proxy.handlers) == 0, "handler greenlets left: %d" % len(d.proxy.handlers)
         assert not d.proxy.sessions, "sessions left: %r" % d.proxy.sessions
-        assert not d.proxy.dialing, "upstream dials left: %r" % d.proxy.dialing
-        assert d.proxy.open == 0, "clients still open: %d" % d.proxy.open
+        assert not d.proxy.connecting, "upstream dials left: %r" % d.proxy.connecting
+        assert d.proxy.open_count == 0, "clients still open: %d" % d.proxy.open_count
     # ...no session or dial object kept alive by a watcher left behind...
     gc.collect()
-    alive = [o for o in gc.get_objects() if isinstance(o, (DataBus, Flow, Dial))]
+    alive = [o for o in gc.get_objects() if isinstance(o, (DataBus, Flow, HubConnect))]
     assert not alive, "session objects still referenced: %r" % alive[:5]
     # ...and no greenlet still running fooproxy code (a handler, a timer loop).
     running = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and _in_fooproxy(g)]

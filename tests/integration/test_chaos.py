@@ -123,4 +123,4 @@ def test_a_crowd_of_misbehaving_clients(mini_server, proxy_for, caplog):
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     totals = d.snapshot().totals
     assert good[0] > 100 and totals["connections_total"] > good[0]
-    assert not d.proxy.sessions and d.proxy.open == 0
+    assert not d.proxy.sessions and d.proxy.open_count == 0

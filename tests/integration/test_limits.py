@@ -70,7 +70,7 @@ def test_drain_closes_clients_still_waiting_for_their_upstream(blackhole, proxy_
     clients = [connect(d.address) for _ in range(3)]
     assert wait_until(lambda: totals(d)["connections_active"] == 3)
     # Unpooled: three dials on watchers; pooled: two handlers dialling, one queued.
-    assert (len(d.proxy.dialing), len(d.proxy.handlers)) == ((3, 0) if pool_size == 0 else (0, 3))
+    assert (len(d.proxy.connecting), len(d.proxy.handlers)) == ((3, 0) if pool_size == 0 else (0, 3))
     t0 = time.monotonic()
     d.shutdown()  # the fixture then checks that no dial, handler or session is left
     assert time.monotonic() - t0 < 5

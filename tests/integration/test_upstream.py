@@ -1,4 +1,4 @@
-"""Upstream connects: ``Connector`` (how it connects, what a failure says) and ``Dial`` (the connect on watchers)."""
+"""Upstream connects: ``Connector`` (how it connects, what a failure says), ``HubConnect`` (on watchers)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from gevent.event import Event
 
 from fooproxy.config import Address
 from fooproxy.pool import UpstreamPool
-from fooproxy.upstream import UNREACHABLE, Connector, Dial, UpstreamError
+from fooproxy.upstream import UNREACHABLE, Connector, HubConnect, UpstreamError
 
 
 def refused_address() -> Address:
@@ -33,11 +33,11 @@ def test_connector_times_out_on_a_blackhole(blackhole):
     assert 0.25 <= time.monotonic() - t0 < 2
 
 
-# --- Dial: the connect without a greenlet ---------------------------------------
+# --- HubConnect: the connect without a greenlet ---------------------------------------
 
 
 class Reports:
-    """Collects ``Dial`` reports (made in the hub) and waits for the first."""
+    """Collects ``HubConnect`` reports (made in the hub) and waits for the first."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -48,7 +48,7 @@ class Reports:
         self.arrived.set()
 
     def one(self, timeout: float = 5.0) -> tuple:
-        assert self.arrived.wait(timeout), "Dial never reported"
+        assert self.arrived.wait(timeout), "HubConnect never reported"
         gevent.sleep(0.05)  # a second report would come right after the first
         assert len(self.calls) == 1, self.calls
         return self.calls[0]
@@ -61,7 +61,7 @@ def _targets(address: Address) -> list[tuple]:
 def test_dial_connects_and_the_socket_works(mini_server):
     srv = mini_server()
     got = Reports()
-    Dial(_targets(srv.address), 2.0, got)
+    HubConnect(_targets(srv.address), 2.0, got)
     sock, exc = got.one()
     assert exc is None and sock.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY)
     sock.sendall(b"REQ 1 a\n")
@@ -75,7 +75,7 @@ def test_dial_reports_a_refused_connect_once():
     port = probe.getsockname()[1]
     probe.close()  # nothing listens there now
     got = Reports()
-    Dial([(_stdsocket.AF_INET, ("127.0.0.1", port))], 2.0, got)
+    HubConnect([(_stdsocket.AF_INET, ("127.0.0.1", port))], 2.0, got)
     sock, exc = got.one()
     assert sock is None and exc.errno == errno.ECONNREFUSED
 
@@ -84,7 +84,7 @@ def test_dial_times_out_then_tries_the_next_target(blackhole, mini_server):
     srv = mini_server()
     got = Reports()
     t0 = time.monotonic()
-    Dial(_targets(blackhole) + _targets(srv.address), 0.3, got)
+    HubConnect(_targets(blackhole) + _targets(srv.address), 0.3, got)
     sock, exc = got.one()
     assert exc is None and 0.25 <= time.monotonic() - t0 < 2
     assert sock.getpeername()[1] == srv.address.port
@@ -93,7 +93,7 @@ def test_dial_times_out_then_tries_the_next_target(blackhole, mini_server):
 
 def test_dial_cancel_reports_nothing_connected(blackhole):
     got = Reports()
-    dial = Dial(_targets(blackhole), 30, got)
+    dial = HubConnect(_targets(blackhole), 30, got)
     assert not dial.finished
     dial.cancel()
     assert got.one() == (None, None) and dial.finished and dial.sock is None
@@ -109,7 +109,7 @@ def test_a_refused_connect_keeps_later_connects_in_the_hub():
     try:
         for _ in range(3):
             got = Reports()
-            dial = conn.dial(got)
+            dial = conn.connect_from_hub(got)
             assert dial.resolver is None  # connected from the hub: no lookup, no greenlet
             sock, exc = got.one()
             assert sock is None and isinstance(exc, UpstreamError)
@@ -127,7 +127,7 @@ def test_a_moved_name_is_found_again_after_a_refused_connect(mini_server):
 
         def connects() -> bool:
             got = Reports()
-            conn.dial(got)
+            conn.connect_from_hub(got)
             sock, _exc = got.one()
             if sock is not None:
                 sock.close()
@@ -142,7 +142,7 @@ def test_an_unresolved_name_is_looked_up_in_a_greenlet_then_dialled(mini_server)
     srv = mini_server()
     conn = Connector(Address("localhost", srv.address.port), 2.0)  # never prepared: not resolved yet
     got = Reports()
-    dial = conn.dial(got)
+    dial = conn.connect_from_hub(got)
     assert dial.resolver is not None and not dial.finished
     sock, exc = got.one()
     assert exc is None
@@ -155,7 +155,7 @@ def test_an_unresolved_name_is_looked_up_in_a_greenlet_then_dialled(mini_server)
 def test_cancelling_a_dial_during_its_lookup_reports_nothing_connected(mini_server):
     conn = Connector(Address("localhost", mini_server().address.port), 2.0)
     got = Reports()
-    dial = conn.dial(got)
+    dial = conn.connect_from_hub(got)
     dial.cancel()
     assert got.one() == (None, None) and dial.finished and dial.resolver is None
 
@@ -163,6 +163,6 @@ def test_cancelling_a_dial_during_its_lookup_reports_nothing_connected(mini_serv
 def test_the_pool_refuses_dial_which_would_skip_its_slots():
     pool = UpstreamPool(refused_address(), 1.0, size=1, wait=0.05)
     with pytest.raises(TypeError, match="acquire"):
-        pool.dial(Reports())
+        pool.connect_from_hub(Reports())
     assert pool.open_count == 0
     pool.close()
