@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from harness import tasks
 from harness.processes import Process, free_port
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -78,14 +78,13 @@ def scalar(base: str, promql: str) -> float | None:
 
 def wait_value(base: str, promql: str, want: float, timeout: float = 45.0) -> None:
     """Poll until ``promql`` evaluates to ``want`` (new scrapes and rule runs come every second)."""
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = scalar(base, promql)
-        if seen == want:
-            return
-        time.sleep(0.2)
-    raise AssertionError("%s = %s after %gs, want %s" % (promql, seen, timeout, want))
+    seen: list = [None]
+
+    def reached() -> bool:
+        seen[0] = scalar(base, promql)
+        return seen[0] == want
+
+    assert wait_until(reached, timeout, interval=0.2), "%s = %s after %gs, want %s" % (promql, seen[0], timeout, want)
 
 
 def test_promtool_accepts_the_shipped_config_and_rules(prometheus_bin: str) -> None:
@@ -154,14 +153,14 @@ def test_prometheus_sums_two_instances_exactly(procs, peers, prometheus_bin: str
 
 
 def _wait_ready(base: str, prom: Process, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> bool:
         try:
             with urllib.request.urlopen(base + "/-/ready", timeout=2) as resp:
                 if resp.status == 200:
-                    return
+                    return True
         except OSError:
             pass
         assert prom.alive(), prom.tail()
-        assert time.monotonic() < deadline, "Prometheus not ready within %gs\n%s" % (timeout, prom.tail())
-        time.sleep(0.1)
+        return False
+
+    assert wait_until(ready, timeout, interval=0.1), "Prometheus not ready within %gs\n%s" % (timeout, prom.tail())

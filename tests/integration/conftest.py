@@ -152,23 +152,6 @@ def _in_fooproxy(g: greenlet.greenlet) -> bool:
     return False
 
 
-def connect(address) -> socket.socket:
-    host, port = address[0], address[1]
-    return socket.create_connection((host if host not in ("::", "0.0.0.0") else "127.0.0.1", port), timeout=5)
-
-
-def read_lines(sock, n: int, timeout: float = 5.0) -> list[bytes]:
-    """Read exactly n lines (whatever the segmentation)."""
-    buf = b""
-    sock.settimeout(timeout)
-    while buf.count(b"\n") < n:
-        data = sock.recv(65536)
-        if not data:
-            break
-        buf += data
-    return buf.split(b"\n")[:n] if buf.count(b"\n") >= n else buf.split(b"\n")
-
-
 def closed_by_proxy(c, timeout: float = 5.0) -> bool:
     """The proxy closed this client: EOF (or a reset) within ``timeout``."""
     c.settimeout(timeout)
@@ -176,15 +159,6 @@ def closed_by_proxy(c, timeout: float = 5.0) -> bool:
         return c.recv(100) == b""
     except ConnectionResetError:
         return True
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
-    """Poll a condition cooperatively with a deadline (readiness, not a fixed sleep)."""
-    with gevent.Timeout(timeout, False):
-        while not predicate():
-            gevent.sleep(interval)
-        return True
-    return predicate()
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ import struct
 import time
 
 import gevent
-from conftest import read_lines, wait_until
 from gevent import socket
+
+from tests.helpers import read_lines, wait_until
 
 DURATION = 3.0
 CLIENTS = 60

@@ -5,15 +5,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import closed_by_proxy, connect, read_lines, wait_until
+from conftest import closed_by_proxy
 from gevent.event import Event
 from gevent.server import StreamServer
 
 from fooproxy.config import Address
-
-
-def totals(d) -> dict:
-    return d.snapshot().totals
+from tests.helpers import connect, read_lines, totals, wait_until
 
 
 def silent_for(c, seconds: float) -> bool:

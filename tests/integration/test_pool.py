@@ -9,13 +9,10 @@ import time
 
 import gevent
 import gevent.pool
-from conftest import closed_by_proxy, connect, read_lines, wait_until
+from conftest import closed_by_proxy
 
 from fooproxy.pool import UpstreamPool
-
-
-def totals(d) -> dict:
-    return d.snapshot().totals
+from tests.helpers import connect, read_lines, totals, wait_until
 
 
 def pool_of(d) -> UpstreamPool:

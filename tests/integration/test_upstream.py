@@ -8,12 +8,12 @@ import time
 
 import gevent
 import pytest
-from conftest import read_lines, wait_until
 from gevent.event import Event
 
 from fooproxy.config import Address
 from fooproxy.pool import UpstreamPool
 from fooproxy.upstream import UNREACHABLE, Connector, HubConnect, UpstreamError
+from tests.helpers import read_lines, wait_until
 
 
 def refused_address() -> Address:

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from fooproxy.config import Address
 from fooproxy.pool import PoolExhausted, UpstreamPool, healthy
 from fooproxy.upstream import UpstreamError
+from tests.helpers import wait_until
 
 
 class Holder:
@@ -37,9 +38,7 @@ class Holder:
         self._stop.wait()
 
     def wait_for(self, n: int) -> None:
-        with gevent.Timeout(5):
-            while len(self.sockets) < n:
-                gevent.sleep(0.002)
+        assert wait_until(lambda: len(self.sockets) >= n), "only %d of %d connections" % (len(self.sockets), n)
 
     def stop(self) -> None:
         self._stop.set()
@@ -67,13 +66,6 @@ def pools():
     yield make
     for p in made:
         p.close()
-
-
-def until(predicate, timeout: float = 5.0) -> bool:
-    with gevent.Timeout(timeout, False):
-        while not predicate():
-            gevent.sleep(0.002)
-    return predicate()
 
 
 def readable(sock) -> bool:
@@ -139,7 +131,7 @@ def test_waiters_are_served_in_arrival_order_with_the_released_connection(holder
     for k in range(4):
         jobs.append(gevent.spawn(client, k))
         gevent.sleep(0)  # queue them in this order
-    assert until(lambda: pool.waiting == 4)
+    assert wait_until(lambda: pool.waiting == 4)
     # A newcomer must not overtake the queue even when a connection is idle for an instant.
     pool.release(first, True)
     gevent.joinall(jobs, raise_error=True)
@@ -151,7 +143,7 @@ def test_freed_slot_goes_to_the_waiter_which_dials(holder, pools):
     pool = pools(holder.address, size=1, wait=5)
     a = pool.acquire()
     waiter = gevent.spawn(pool.acquire)
-    assert until(lambda: pool.waiting == 1)
+    assert wait_until(lambda: pool.waiting == 1)
     pool.release(a, False)
     b = waiter.get(timeout=5)
     assert b is not a and pool.open_count == 1
@@ -164,7 +156,7 @@ def test_idle_connection_closed_by_server_is_never_handed_out(holder, pools):
     pool.release(a, True)
     holder.wait_for(1)
     holder.sockets[0].close()  # FIN reaches the idle socket
-    assert until(lambda: readable(a))
+    assert wait_until(lambda: readable(a))
     b = pool.acquire()
     assert b is not a and a.fileno() == -1
     assert healthy(b)
@@ -185,7 +177,7 @@ def test_health_check_sees_eof_reset_and_stray_bytes(holder):
     rst.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_LINGER, struct.pack("ii", 1, 0))
     rst.close()
     server[stray].sendall(b"ACK 9 late\n")
-    assert until(lambda: readable(eof) and readable(reset) and readable(stray))
+    assert wait_until(lambda: readable(eof) and readable(reset) and readable(stray))
     assert not healthy(eof)
     assert not healthy(reset)
     assert not healthy(stray)
@@ -215,9 +207,9 @@ def test_reaper_expires_idle_connections_and_stops(holder, pools):
     a = pool.acquire()
     pool.release(a, True)
     assert pool.idle_count == 1
-    assert until(lambda: pool.idle_count == 0)
+    assert wait_until(lambda: pool.idle_count == 0)
     assert a.fileno() == -1 and pool.open_count == 0
-    assert until(lambda: not pool._reaper.active)  # nothing idle: no more ticks
+    assert wait_until(lambda: not pool._reaper.active)  # nothing idle: no more ticks
     assert seen == [(0, 1), (1, 1), (0, 0)]
 
 
@@ -228,7 +220,7 @@ def test_reaper_drops_connections_the_server_closed(holder, pools):
     pool.release(a, True)
     holder.wait_for(1)
     holder.sockets[0].close()
-    assert until(lambda: pool.idle_count == 0)
+    assert wait_until(lambda: pool.idle_count == 0)
     assert a.fileno() == -1 and pool.open_count == 0
 
 
@@ -238,11 +230,11 @@ def test_close_closes_idle_fails_waiters_and_later_releases(holder, pools):
     pool.release(a, True)
     c = pool.acquire()  # a again
     waiter = gevent.spawn(pool.acquire)
-    assert until(lambda: pool.waiting == 1)
+    assert wait_until(lambda: pool.waiting == 1)
     pool.release(c, True)  # handed to the waiter
     waiter.get(timeout=5)
     waiter2 = gevent.spawn(pool.acquire)
-    assert until(lambda: pool.waiting == 1)
+    assert wait_until(lambda: pool.waiting == 1)
     pool.close()
     with pytest.raises(UpstreamError, match="closed") as info:
         waiter2.get(timeout=5)
@@ -274,7 +266,7 @@ def test_killed_waiter_leaves_no_trace(holder, pools):
     pool = pools(holder.address, size=1, wait=5)
     a = pool.acquire()
     waiter = gevent.spawn(pool.acquire)
-    assert until(lambda: pool.waiting == 1)
+    assert wait_until(lambda: pool.waiting == 1)
     waiter.kill()
     assert pool.waiting == 0
     pool.release(a, True)
@@ -285,7 +277,7 @@ def test_waiter_killed_after_handover_gives_the_connection_back(holder, pools):
     pool = pools(holder.address, size=1, wait=5)
     a = pool.acquire()
     waiter = gevent.spawn(pool.acquire)
-    assert until(lambda: pool.waiting == 1)
+    assert wait_until(lambda: pool.waiting == 1)
     # The kill is scheduled first, so it lands after the handover but before the waiter runs.
     waiter.kill(block=False)
     pool.release(a, True)
@@ -299,7 +291,7 @@ def test_waiter_killed_after_slot_handover_frees_it(holder, pools):
     pool = pools(holder.address, size=1, wait=5)
     a = pool.acquire()
     waiter = gevent.spawn(pool.acquire)
-    assert until(lambda: pool.waiting == 1)
+    assert wait_until(lambda: pool.waiting == 1)
     waiter.kill(block=False)
     pool.release(a, False)  # the slot is handed over, then the kill lands
     waiter.join(timeout=5)
