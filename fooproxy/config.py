@@ -7,7 +7,7 @@ modules take a ``Config`` and never see argv or the environment.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -153,3 +153,20 @@ class Config:
             heartbeat_timeout=heartbeat,
             worker_id=positive_int(worker_id, "--worker-id", allow_zero=True) if worker_id else None,
         )
+
+
+def config_defaults() -> dict[str, str]:
+    """``Config()``'s defaults as flag text, by field name: what the usage text shows and docopt parses back."""
+    shown: dict[str, str] = {}
+    for f in fields(Config):
+        value = getattr(_DEFAULT, f.name)
+        if value is None:
+            shown[f.name] = "off"
+        elif isinstance(value, float):
+            shown[f.name] = "%g" % value
+        else:
+            shown[f.name] = str(value)
+    return shown
+
+
+_DEFAULT = Config()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fooproxy.cli import USAGE, normalise, parse
-from fooproxy.config import Address, ConfigError, parse_address
+from fooproxy.config import Address, Config, ConfigError, parse_address
 
 
 def test_defaults_are_the_original_tools():
@@ -128,3 +128,10 @@ def test_positive_validators_agree_on_zero():
     assert parse(["-grace", "0", "-linger", "0", "-idle-timeout", "0", "-pool-wait", "0"]).grace == 0
     with pytest.raises(SystemExit):
         parse(["-connect-timeout", "0"])
+
+
+def test_no_flags_give_the_config_defaults():
+    """The usage text shows Config's defaults and docopt parses them back: one source, no drift."""
+    assert parse([]) == Config()
+    for line in ("[default: :8002]", "[default: 127.0.0.1:8088]", "[default: 10]", "[default: info]"):
+        assert line in USAGE
