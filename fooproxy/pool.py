@@ -184,6 +184,7 @@ class UpstreamPool(Connector):
         if self._closed:
             return
         self._closed = True
+        super().close()  # a re-resolve in progress
         if self._reaper is not None:
             self._reaper.stop()
             self._reaper.close()

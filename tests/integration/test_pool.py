@@ -633,3 +633,18 @@ def test_drain_kills_clients_waiting_for_a_connection(mini_server, proxy_for):
     d.shutdown()
     assert closed_by_proxy(waiter) and closed_by_proxy(holder)
     assert pool_of(d).waiting == 0 and pool_of(d).open_count == 0
+
+
+def test_closing_the_pool_stops_a_re_resolve_in_progress():
+    """A refused connect starts a background lookup; the pool's close must end it, like the Connector's."""
+    probe = _stdsocket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there
+    pool = UpstreamPool(Address("127.0.0.1", port), 1.0, size=1, wait=0.05)
+    with pytest.raises(UpstreamError, match="refused"):
+        pool.acquire()
+    refresh = pool._refresh
+    assert refresh is not None and not refresh.dead  # scheduled, not run yet
+    pool.close()
+    assert pool._refresh is None and refresh.dead
