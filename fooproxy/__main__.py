@@ -37,17 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     config = cli.parse(args)
     setup_logging(config.log_level)
     raise_fd_limit()
-    from fooproxy.dispatcher import Dispatcher
-
     try:
         if config.worker_id is not None:  # started by a master: -workers N
-            from fooproxy.workers import run_worker
+            from fooproxy.worker import run_worker
 
             return run_worker(config)
         if config.workers > 1:
-            from fooproxy.workers import run_master
+            from fooproxy.supervisor import run_master
 
             return run_master(config, args)
+        from fooproxy.dispatcher import Dispatcher
+
         return Dispatcher(config).run()
     except StartupError as exc:
         logging.getLogger("fooproxy").error("%s", exc)

@@ -1,4 +1,4 @@
-"""Command line: the docopt usage text is the single source of flags and defaults.
+"""Command line: the docopt usage text is the single source of flags; it shows ``Config``'s defaults.
 
 Go-style flags (``-forward :8001``, ``-listen=:8002``), as users of the original
 Go tool type them, are rewritten to docopt's ``--forward`` form first.
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import NoReturn
 
 from docopt import DocoptExit, docopt
 
 from fooproxy import __version__
-from fooproxy.config import Config, ConfigError
+from fooproxy.config import Config, ConfigError, config_defaults
 
-USAGE = """\
+_USAGE = """\
 fooproxy: a proxy for the Foo protocol that counts what passes through it.
 
 Usage:
@@ -25,39 +26,43 @@ Usage:
 Options:
   -h --help                  Show this help and exit.
   --version                  Show the version and exit.
-  --listen ADDR              Accept clients on ADDR (:port, host:port, [v6]:port) [default: :8002].
-  --forward ADDR             Forward to the Foo server at ADDR [default: :8001].
+  --listen ADDR              Accept clients on ADDR (:port, host:port, [v6]:port) [default: {listen}].
+  --forward ADDR             Forward to the Foo server at ADDR [default: {forward}].
   --http ADDR                Serve /health, /stats and /metrics on ADDR; "off" disables
-                             [default: 127.0.0.1:8088].
+                             [default: {http}].
   --recovery-path PATH       Save stats here every second and restore them at start; "off"
-                             disables [default: .data/recovery.json].
+                             disables [default: {recovery_path}].
   --workers N                Worker processes sharing the listen port; "auto" = one per
-                             core [default: 1].
+                             core [default: {workers}].
   --heartbeat-timeout SECONDS
                              With workers: a worker whose heartbeat stops for this long
-                             (hub stuck, process stopped) is killed and replaced [default: 10].
+                             (hub stuck, process stopped) is aborted and replaced
+                             [default: {heartbeat_timeout}].
   --pool-size N              Keep up to N upstream connections and reuse clean ones;
-                             0 = one upstream connection per client [default: 0].
+                             0 = one upstream connection per client [default: {pool_size}].
   --pool-wait SECONDS        With a pool, how long a new client may wait for an upstream
-                             connection [default: 5].
-  --pool-idle SECONDS        Close pooled connections idle this long [default: 60].
+                             connection [default: {pool_wait}].
+  --pool-idle SECONDS        Close pooled connections idle this long [default: {pool_idle}].
   --max-conns N              Clients served at once; more wait in the accept backlog
-                             [default: 10000].
-  --connect-timeout SECONDS  Upstream connect timeout [default: 5].
+                             [default: {max_conns}].
+  --connect-timeout SECONDS  Upstream connect timeout [default: {connect_timeout}].
   --idle-timeout SECONDS     Close a session with no bytes either way for this long;
-                             0 disables [default: 300].
+                             0 disables [default: {idle_timeout}].
   --linger SECONDS           After a client's EOF, wait this long at most for the answers
-                             it is owed before closing the upstream [default: 5].
+                             it is owed before closing the upstream [default: {linger}].
   --grace SECONDS            On SIGTERM/SIGINT, let open sessions finish for this long
-                             [default: 10].
+                             [default: {grace}].
   --health-interval SECONDS  How often /health checks that the upstream accepts
-                             connections [default: 2].
-  --log-level LEVEL          debug, info, warning or error [default: info].
+                             connections [default: {health_interval}].
+  --log-level LEVEL          debug, info, warning or error [default: {log_level}].
   --worker-id N              (internal) run as worker N of a master process.
 
 Signals: SIGUSR2 prints the stats as one JSON line on stdout; SIGTERM/SIGINT
 drain and exit (a second one exits at once).
 """
+
+#: Config's defaults, shown in the usage text, are what docopt fills in: one source.
+USAGE = _USAGE.format(**config_defaults())
 
 _FLAG_RE = re.compile(r"^-([a-z][a-z0-9-]+)(=.*)?$")
 
@@ -126,6 +131,6 @@ def parse(argv: list[str]) -> Config:
         _fail(str(exc))
 
 
-def _fail(message: str) -> NoReturn:  # type: ignore[name-defined]  # noqa: F821
+def _fail(message: str) -> NoReturn:
     sys.stderr.write("fooproxy: %s (see fooproxy -h)\n" % message)
     raise SystemExit(2)

@@ -7,7 +7,7 @@ modules take a ``Config`` and never see argv or the environment.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -58,7 +58,8 @@ def parse_address(text: str, flag: str, allow_port_zero: bool = False) -> Addres
     return Address(host, port)
 
 
-def positive_float(text: str, flag: str, allow_zero: bool = True) -> float:
+def positive_float(text: str, flag: str, allow_zero: bool = False) -> float:
+    """A finite number of seconds above zero (or at least zero with ``allow_zero``), like ``positive_int``."""
     try:
         value = float(text)
     except ValueError:
@@ -71,6 +72,7 @@ def positive_float(text: str, flag: str, allow_zero: bool = True) -> float:
 
 
 def positive_int(text: str, flag: str, allow_zero: bool = False) -> int:
+    """A decimal integer above zero (or at least zero with ``allow_zero``)."""
     try:
         value = int(text, 10)
     except ValueError:
@@ -88,7 +90,7 @@ def optional(text: str) -> str | None:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-#: Workers stamp a heartbeat every 0.5 s (workers.HEARTBEAT_INTERVAL): allow at least two.
+#: Workers stamp a heartbeat every 0.5 s (worker.HEARTBEAT_INTERVAL): allow at least two.
 MIN_HEARTBEAT_TIMEOUT = 1.0
 
 
@@ -129,7 +131,7 @@ class Config:
         else:
             workers = positive_int(workers_s, "-workers")
         worker_id = opts.get("--worker-id")
-        heartbeat = positive_float(opts["--heartbeat-timeout"], "-heartbeat-timeout", allow_zero=False)
+        heartbeat = positive_float(opts["--heartbeat-timeout"], "-heartbeat-timeout")
         if heartbeat < MIN_HEARTBEAT_TIMEOUT:
             raise ConfigError("-heartbeat-timeout: at least %g seconds, got %r" % (MIN_HEARTBEAT_TIMEOUT, heartbeat))
         return cls(
@@ -138,16 +140,33 @@ class Config:
             http=parse_address(http, "-http", allow_port_zero=True) if http else None,
             recovery_path=recovery,
             log_level=level,
-            grace=positive_float(opts["--grace"], "-grace"),
-            linger=positive_float(opts["--linger"], "-linger"),
-            connect_timeout=positive_float(opts["--connect-timeout"], "-connect-timeout", allow_zero=False),
-            idle_timeout=positive_float(opts["--idle-timeout"], "-idle-timeout"),
+            grace=positive_float(opts["--grace"], "-grace", allow_zero=True),
+            linger=positive_float(opts["--linger"], "-linger", allow_zero=True),
+            connect_timeout=positive_float(opts["--connect-timeout"], "-connect-timeout"),
+            idle_timeout=positive_float(opts["--idle-timeout"], "-idle-timeout", allow_zero=True),
             max_conns=positive_int(opts["--max-conns"], "-max-conns"),
             pool_size=positive_int(opts["--pool-size"], "-pool-size", allow_zero=True),
-            pool_wait=positive_float(opts["--pool-wait"], "-pool-wait"),
-            pool_idle=positive_float(opts["--pool-idle"], "-pool-idle", allow_zero=False),
-            health_interval=positive_float(opts["--health-interval"], "-health-interval", allow_zero=False),
+            pool_wait=positive_float(opts["--pool-wait"], "-pool-wait", allow_zero=True),
+            pool_idle=positive_float(opts["--pool-idle"], "-pool-idle"),
+            health_interval=positive_float(opts["--health-interval"], "-health-interval"),
             workers=workers,
             heartbeat_timeout=heartbeat,
             worker_id=positive_int(worker_id, "--worker-id", allow_zero=True) if worker_id else None,
         )
+
+
+def config_defaults() -> dict[str, str]:
+    """``Config()``'s defaults as flag text, by field name: what the usage text shows and docopt parses back."""
+    shown: dict[str, str] = {}
+    for f in fields(Config):
+        value = getattr(_DEFAULT, f.name)
+        if value is None:
+            shown[f.name] = "off"
+        elif isinstance(value, float):
+            shown[f.name] = "%g" % value
+        else:
+            shown[f.name] = str(value)
+    return shown
+
+
+_DEFAULT = Config()

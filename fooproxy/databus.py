@@ -131,7 +131,10 @@ class Flow:
         """Count a chunk ``dst`` has taken in full."""
         n = len(data)
         bus = self.bus
-        self.lines += bus.record(self.to_server, n, self.counter.feed(data))
+        counts = self.counter.feed(data)
+        bus.record(self.to_server, n, counts)
+        req, ack, nak, invalid = counts  # the session's own count: record() returns nothing
+        self.lines += req + ack + nak + invalid
         self.nbytes += n
         if self.watch_answers and bus.answered:
             bus.finish(CLIENT_CLOSED)
@@ -172,13 +175,15 @@ class Flow:
 class DataBus:
     """Moves bytes both ways between ``client`` and ``upstream`` and counts them.
 
-    ``keep_upstream``: on client EOF leave the upstream open so that a pool can
-    reuse it; ``clean`` then says whether it may be reused. ``peer`` and
-    ``started`` (the client's accept time, default now) are for the caller's log line.
+    The Go tool's DataBus: here one client's session, two ``Flow``s on libev
+    watchers. ``keep_upstream``: on client EOF leave the upstream open so that a
+    pool can reuse it; ``clean`` then says whether it may be reused. What the
+    caller wants to know about the client (its address, when it came) stays with
+    the caller.
     """
 
     __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
-                 "client_eof", "upstream_eof", "ending", "last_active", "peer", "started", "_moved", "_timers",
+                 "client_eof", "upstream_eof", "ending", "last_active", "_moved", "_timers",
                  "_on_end")  # fmt: skip
 
     def __init__(
@@ -190,8 +195,6 @@ class DataBus:
         linger: float = 5.0,
         idle_timeout: float = 0.0,
         keep_upstream: bool = False,
-        peer: str = "",
-        started: float | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -204,9 +207,7 @@ class DataBus:
         self.client_eof = False
         self.upstream_eof = False
         self.ending: str | None = None
-        self.peer = peer
         self.last_active = time.monotonic()
-        self.started = self.last_active if started is None else started
         self._moved = 0
         self._timers: list = []
         self._on_end: Callable[[DataBus], None] | None = None
@@ -297,7 +298,7 @@ class DataBus:
         self._abort()
 
     def crashed(self) -> None:
-        log.exception("session %s failed", self.peer)
+        log.exception("session failed")  # the owner's close line names the client (error: internal)
         self.abort("error: internal")
 
     def _check_idle(self) -> None:

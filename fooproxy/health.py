@@ -91,7 +91,7 @@ class UpstreamChecker:
         """Dial the upstream once, record and return whether it answered."""
         was_ok = self.ok
         try:
-            self._dial()
+            self._try_connect()
         except OSError as exc:  # refused, unreachable, timeout, DNS failure
             self.consecutive_failures += 1
             self.last_error = _describe(exc)
@@ -109,7 +109,7 @@ class UpstreamChecker:
             self.log.info("upstream %s reachable again", self.address)
         return result
 
-    def _dial(self) -> None:
+    def _try_connect(self) -> None:
         host, port = self.address.connect_host, self.address.port
         try:
             family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET

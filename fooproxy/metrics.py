@@ -76,7 +76,7 @@ class StatsCollector(Collector):
         yield nbytes
         yield CounterMetricFamily(
             "fooproxy_upstream_errors",
-            "Upstream connects or transfers that failed.",
+            "Clients that could not be given an upstream connection (unreachable, or pool exhausted).",
             value=t.get("upstream_errors", 0),
         )
         yield GaugeMetricFamily(

@@ -2,9 +2,10 @@
 
 Reuse is decided twice:
 
-* by the session: ``Proxy.handle`` releases a connection as reusable only when
-  ``DataBus.clean`` holds (the client closed, every line it sent has had its
-  answer delivered, no half line either way, the upstream never sent EOF).
+* by the session: the Proxy's session-end callback releases a connection as
+  reusable only when ``DataBus.clean`` holds (the client closed, every line it
+  sent has had its answer delivered, no half line either way, the upstream
+  never sent EOF).
   Anything else (linger ran out, idle timeout, error, drain) closes it.
 * here, before it is handed out again: a non-blocking ``recv(1, MSG_PEEK)`` on
   the idle socket must find nothing to read. EOF (the server closed it), a
@@ -35,6 +36,7 @@ import socket as _stdsocket
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import NoReturn
 
 import gevent
 from gevent.event import AsyncResult
@@ -52,6 +54,8 @@ _MIN_REAP_INTERVAL = 0.05  # a tiny -pool-idle must not turn the reaper into a b
 
 class PoolExhausted(UpstreamError):
     """No pooled connection became free within the wait."""
+
+    reason = "no pooled upstream connection free"
 
 
 def healthy(sock: socket) -> bool:
@@ -110,11 +114,10 @@ class UpstreamPool(Connector):
         self._closed = False
         self._reaper = None  # hub timer, created when something first goes idle
 
-    # -- state --------------------------------------------------------------
-    @property
-    def reuses(self) -> bool:
-        return True
+    connects_from_hub = False  # a client may have to queue: acquire() in a greenlet
+    reuses = True
 
+    # -- state --------------------------------------------------------------
     @property
     def idle_count(self) -> int:
         """Connections open and waiting for a client."""
@@ -131,6 +134,12 @@ class UpstreamPool(Connector):
         return len(self._waiters)
 
     # -- Connector ------------------------------------------------------------
+    def connect_from_hub(self, done: Callable) -> NoReturn:
+        """Refused: a connect from the hub would skip the slot accounting (use ``acquire``)."""
+        raise TypeError(
+            "UpstreamPool hands out connections with acquire(), in a greenlet; it has no connect_from_hub()"
+        )
+
     def acquire(self) -> socket:
         """An idle healthy connection (newest first), a new one, or one freed within ``wait``."""
         if self._closed:
@@ -145,13 +154,13 @@ class UpstreamPool(Connector):
         if self._open < self.size:
             self._open += 1
             self._changed()
-            return self._dial()
+            return self._connect_in_slot()
         got = self._wait_turn()
         if got is not _SLOT:
             if healthy(got):
                 return got
             _close(got)  # the slot stays ours: dial a replacement in it
-        return self._dial()
+        return self._connect_in_slot()
 
     def release(self, sock: socket, reusable: bool) -> None:
         """Keep a clean connection (or hand it to the first waiter); close any other."""
@@ -175,6 +184,7 @@ class UpstreamPool(Connector):
         if self._closed:
             return
         self._closed = True
+        super().close()  # a re-resolve in progress
         if self._reaper is not None:
             self._reaper.stop()
             self._reaper.close()
@@ -188,7 +198,7 @@ class UpstreamPool(Connector):
         self._changed()
 
     # -- internals ----------------------------------------------------------
-    def _dial(self) -> socket:
+    def _connect_in_slot(self) -> socket:
         """Connect in a slot already counted in ``_open``; free it if that fails."""
         try:
             sock = Connector.acquire(self)

@@ -13,14 +13,30 @@ from gevent.socket import socket
 
 from fooproxy.config import Config
 from fooproxy.databus import SHUT_DOWN, DataBus
-from fooproxy.pool import PoolExhausted
+from fooproxy.pool import UpstreamPool
 from fooproxy.stats import Stats
-from fooproxy.upstream import Connector, Dial, UpstreamError
+from fooproxy.upstream import Connector, HubConnect, UpstreamError
 
 log = logging.getLogger("fooproxy.proxy")
 
-UNREACHABLE = "upstream unreachable"
-POOL_BUSY = "no pooled upstream connection free"
+
+def connector_for(config: Config, stats: Stats) -> Connector:
+    """The Connector the config asks for: a pool (its gauges in ``stats``) or one connection per client."""
+    if config.pool_size <= 0:
+        return Connector(config.forward, config.connect_timeout)
+
+    def pool_gauges(idle: int, open_: int) -> None:
+        stats.set("pool_idle", idle)
+        stats.set("pool_open", open_)
+
+    return UpstreamPool(
+        config.forward,
+        config.connect_timeout,
+        config.pool_size,
+        config.pool_wait,
+        config.pool_idle,
+        on_change=pool_gauges,
+    )
 
 
 class RepeatFilter:
@@ -44,16 +60,18 @@ class RepeatFilter:
 
 
 class Proxy(StreamServer):
-    """Accepts clients on a pre-bound listener and forwards each to the upstream.
+    """The Go tool's Proxy: here the gevent StreamServer that accepts clients on a
+    pre-bound listener and gives each an upstream connection and a DataBus.
 
-    Without a pool, the upstream is dialled from the accept callback on
-    watchers (``Dial``) and the session runs on watchers (``DataBus``): no
-    greenlet per client. With a pool (which may queue a client) or before the
-    address is resolved, a short-lived handler greenlet gets the upstream and
-    exits once the session has started. Per-connection state lives on the
-    DataBus, never here. ``open`` counts clients from accept to close: at
-    ``max_conns`` the server stops accepting and new clients wait in the
-    kernel's backlog until one leaves.
+    The connector says how it connects (``connects_from_hub``): without a
+    pool, the upstream is connected from the accept callback on watchers
+    (``HubConnect``) and the session runs on watchers (``DataBus``): no
+    greenlet per client. With a pool (which may queue a client), a short-lived
+    handler greenlet gets the upstream and exits once the session has started.
+    Session state lives on the DataBus; what the close line needs (address,
+    accept time) lives in the session's end callback. ``open_count`` counts
+    clients from accept to close: at ``max_conns`` the server stops accepting
+    and new clients wait in the kernel's backlog until one leaves.
     """
 
     def __init__(
@@ -72,30 +90,32 @@ class Proxy(StreamServer):
         self.config = config
         self.stats = stats
         self.connector = connector
-        self.upstream_errors = RepeatFilter(log)
+        #: Rate-limited warnings about clients that got no upstream (the stat is ``upstream_errors``).
+        self.upstream_warnings = RepeatFilter(log)
         self.sessions: set[DataBus] = set()
-        self.dialing: set[Dial] = set()
-        self.open = 0
+        self.connecting: set[HubConnect] = set()
+        self.open_count = 0
         self._all_closed = Event()
         self._all_closed.set()
+        # Decided once: the connector's kind does not change while we serve.
+        self._from_hub = connector.connects_from_hub
         connector.prepare()
 
     # -- admission (BaseServer hooks) ----------------------------------------
     def full(self) -> bool:
-        return self.open >= self.config.max_conns
+        return self.open_count >= self.config.max_conns
 
     def do_handle(self, client: socket, address: tuple) -> None:
-        """In the accept callback: dial from here, or spawn ``handle`` when that may wait."""
-        self.open += 1
+        """In the accept callback: connect from here, or spawn ``handle`` when that may wait."""
+        self.open_count += 1
         self._all_closed.clear()
-        connector = self.connector
         try:
-            if connector.reuses or not connector.resolved:
-                super().do_handle(client, address)  # the pool may queue us; DNS needs a greenlet
+            if self._from_hub:
+                self._handle_in_hub(client, address)  # no greenlet at all: the common, unpooled case
             else:
-                self._dial(client, address)  # no greenlet at all: the common, unpooled case
+                super().do_handle(client, address)  # the pool may queue us: a handler greenlet
         except BaseException:
-            self._closed(client)
+            self._close_client(client)
             raise
 
     def do_close(self, *args) -> None:
@@ -111,40 +131,41 @@ class Proxy(StreamServer):
             self._no_upstream(client, peer, started, exc)
             return
         except BaseException:  # killed by the drain while waiting
-            self._closed(client, peer, SHUT_DOWN, started)
+            self._close_client(client, peer, SHUT_DOWN, started)
             raise
         self._begin(client, peer, started, upstream)
 
-    def _dial(self, client: socket, address: tuple) -> None:
+    def _handle_in_hub(self, client: socket, address: tuple) -> None:
+        """Start the client's upstream connect from the accept callback; the session starts when it reports."""
         peer, started = self._accepted(client, address)
 
-        pending: list[Dial] = []  # the Dial may report before it is returned to us
+        pending: list[HubConnect] = []  # the HubConnect may report before it is returned to us
 
         def connected(upstream: socket | None, exc: UpstreamError | None) -> None:
             if pending:
-                self.dialing.discard(pending[0])
+                self.connecting.discard(pending[0])
             try:
                 if upstream is not None:
                     self._begin(client, peer, started, upstream)
                 elif exc is not None:
                     self._no_upstream(client, peer, started, exc)
                 else:  # cancelled by the drain
-                    self._closed(client, peer, SHUT_DOWN, started)
+                    self._close_client(client, peer, SHUT_DOWN, started)
             except Exception:  # a bug: in the hub nobody else would close this client
                 log.exception("%s: starting the session failed", peer)
                 if upstream is not None:
                     upstream.close()
-                self._closed(client, peer, "error: internal", started)
+                self._close_client(client, peer, "error: internal", started)
 
         try:
-            dial = self.connector.dial(connected)
+            connect = self.connector.connect_from_hub(connected)
         except Exception as exc:  # not a connect failure (those are reported): a bug, said once here
             log.exception("%s: cannot start the upstream connect", peer)
-            self._closed(client, peer, "error: %s" % exc, started)
+            self._close_client(client, peer, "error: %s" % exc, started)
             return
-        if not dial.finished:
-            pending.append(dial)
-            self.dialing.add(dial)
+        if not connect.finished:
+            pending.append(connect)
+            self.connecting.add(connect)
 
     def _accepted(self, client: socket, address: tuple) -> tuple[str, float]:
         self.stats.connection_opened()
@@ -156,10 +177,9 @@ class Proxy(StreamServer):
 
     def _no_upstream(self, client: socket, peer: str, started: float, exc: UpstreamError) -> None:
         self.stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
-        how = POOL_BUSY if isinstance(exc, PoolExhausted) else UNREACHABLE
-        # Keyed by kind, so a burst of one does not hide the first report of the other.
-        self.upstream_errors.warn(type(exc).__name__, "%s: %s" % (peer, exc))
-        self._closed(client, peer, how, started)
+        # Keyed by reason, so a burst of one does not hide the first report of the other.
+        self.upstream_warnings.warn(exc.reason, "%s: %s" % (peer, exc))
+        self._close_client(client, peer, exc.reason, started)
 
     def _begin(self, client: socket, peer: str, started: float, upstream: socket) -> None:
         config = self.config
@@ -171,36 +191,46 @@ class Proxy(StreamServer):
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
                 keep_upstream=self.connector.reuses,
-                peer=peer,
-                started=started,
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             self.connector.release(upstream, False)
-            self._closed(client, peer, "error: %s" % exc, started)
+            self._close_client(client, peer, "error: %s" % exc, started)
             return
         self.sessions.add(bus)
-        bus.start(self._session_ended)
+        # The client's address and accept time stay here, in the end callback's closure.
+        bus.start(lambda bus: self._session_ended(bus, peer, started))
 
-    def _session_ended(self, bus: DataBus) -> None:
+    def _session_ended(self, bus: DataBus, peer: str, started: float) -> None:
         """DataBus end callback, in the hub: release the upstream, close the client."""
         self.sessions.discard(bus)
         self.connector.release(bus.upstream, bus.clean)
-        self._closed(bus.client, bus.peer, bus.ending, bus.started, bus)
+        self._close_client(bus.client, peer, bus.ending, started, bus)
 
-    def _closed(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
+    def _close_client(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
                 bus: DataBus | None = None) -> None:  # fmt: skip
+        """Close one client and do its accounting: gauge, close line, open count, resume accepting."""
         client.close()
         if peer:
             self.stats.connection_closed()
             if log.isEnabledFor(logging.INFO):
                 _log_close(peer, how or "?", time.monotonic() - started, bus)
-        self.open -= 1
-        if self.open <= 0:
+        self.open_count -= 1
+        if self.open_count <= 0:
             self._all_closed.set()
-        elif self.open == self.config.max_conns - 1:
-            self._start_accepting_if_started()  # a place is free again
+        elif self.open_count == self.config.max_conns - 1 and self.started:
+            self.start_accepting()  # a place is free again (a no-op if still accepting)
 
     # -- drain ---------------------------------------------------------------------
+    def drain(self, grace: float) -> None:
+        """Stop accepting; let open sessions finish within ``grace``, then end them."""
+        self.close()  # stops accepting and closes the listener
+        open_now = len(self.sessions)
+        if open_now:
+            log.info("draining %d open session(s) for up to %gs", open_now, grace)
+        if not self.wait_closed(grace):
+            log.warning("grace period over: closing %d session(s)", self.open_count)
+            self.close_sessions()
+
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until every client is closed; False if ``timeout`` ran out first."""
         return self._all_closed.wait(timeout)
@@ -208,8 +238,8 @@ class Proxy(StreamServer):
     def close_sessions(self) -> None:
         """End every session and handler now (the grace period is over)."""
         self.handlers.kill(timeout=1)
-        for dial in list(self.dialing):
-            dial.cancel()
+        for connect in list(self.connecting):
+            connect.cancel()
         for bus in list(self.sessions):
             bus.abort()
 

@@ -45,7 +45,6 @@ VERSION = 1
 #: A valid file is a few tens of KiB; refuse to slurp anything much larger.
 MAX_BYTES = 4 << 20
 _INT64_MAX = (1 << 63) - 1
-_SHORT = int(timetable.WINDOWS[0] / timetable.BUCKET_S)  # buckets in the 1 s window
 
 _log = logging.getLogger("fooproxy.recovery")
 
@@ -103,19 +102,13 @@ def decode(data: bytes, now: float) -> Snapshot:
         raise RecoveryFormatError("buckets is not a list")
     # A clock set backwards must not make buckets younger than when saved.
     shift = int(max(0.0, now - saved_at) / timetable.BUCKET_S)
-    merged: dict[int, list[int]] = {}
+    aged = []
     for item in raw:
         if not (isinstance(item, list) and len(item) == 3 and all(_is_count(x) for x in item)):
             raise RecoveryFormatError("bad bucket %r" % (item,))
-        age = item[0] + shift
-        if age < timetable.SLOTS:  # older than the 10 s window: gone
-            slot = merged.setdefault(age, [0, 0])
-            slot[0] += item[1]
-            slot[1] += item[2]
-    buckets = sorted((age, r, s) for age, (r, s) in merged.items())
-    r1 = sum(r for a, r, _ in buckets if a < _SHORT)
-    s1 = sum(s for a, _, s in buckets if a < _SHORT)
-    windows = (r1, sum(r for _, r, _ in buckets), s1, sum(s for _, _, s in buckets))
+        aged.append((item[0] + shift, item[1], item[2]))
+    buckets = timetable.merge_buckets(aged)  # also drops what is older than the 10 s window
+    windows = timetable.window_sums(buckets)
     return Snapshot(totals=clean, windows=windows, uptime_s=0.0, buckets=buckets)
 
 

@@ -6,10 +6,17 @@ first, then a ``TimeTable`` ring. One writer per block; readers in the same or
 another process sum blocks with ``Snapshot.from_blocks``. A ``Snapshot`` is a
 plain value: it sums with ``+``, turns into the SIGUSR2/``/stats`` JSON with
 ``as_dict()``, and carries its window buckets for the recovery file.
+
+``SlotTable`` is the shared ``mmap`` of ``-workers N``, laid out here beside
+the block it holds: per slot a few supervision cells (the heartbeat; not
+metrics, never summed or shown), then one stats block.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,16 +37,24 @@ COUNTERS = (
     "upstream_errors",
     "pool_idle",
     "pool_open",
-    "heartbeat_ns",
 )
 _IDX = {name: i for i, name in enumerate(COUNTERS)}
 # Counters that describe the present, not a history: never restored from a file.
-GAUGES = frozenset({"connections_active", "pool_idle", "pool_open", "heartbeat_ns"})
+GAUGES = frozenset({"connections_active", "pool_idle", "pool_open"})
 _HEADER = 16  # cells reserved for counters (room to grow without a layout change)
 BLOCK_CELLS = _HEADER + timetable.CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
 
-(_REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR) = range(9)
+# Cell indices for the hot path, derived from COUNTERS (never a literal order).
+_REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR = (
+    _IDX[name]
+    for name in (
+        "msg_req", "msg_ack", "msg_nak", "msg_invalid", "connections_active", "connections_total",
+        "bytes_client_to_server", "bytes_server_to_client", "upstream_errors",
+    )
+)  # fmt: skip
+# The time table's geometry, for the inlined write in Stats.record.
+_TICKS, _SLOTS, _STRIDE = timetable.TICKS_PER_S, timetable.SLOTS, timetable.STRIDE
 
 
 def new_block() -> memoryview:
@@ -48,7 +63,8 @@ def new_block() -> memoryview:
 
 
 class Stats:
-    """The single writer of one counter block. Hot-path methods are O(1)."""
+    """The Go tool's Stats: here the single writer of one process's counter block
+    (its own buffer, or its slot in the workers' table). Hot-path methods are O(1)."""
 
     def __init__(self, block: memoryview | None = None, clock: Clock = time.monotonic) -> None:
         self.block = new_block() if block is None else block
@@ -57,12 +73,15 @@ class Stats:
         self.table = TimeTable(self.block[_HEADER:], clock)
 
     # -- hot path ---------------------------------------------------------
-    def record(self, to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> int:
-        """Account one forwarded chunk and the ``(req, ack, nak, invalid)`` lines it
-        completed; return how many lines that was.
+    def record(self, to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> None:
+        """Account one forwarded chunk and the ``(req, ack, nak, invalid)`` lines it completed.
+
+        It only records: the session keeps its own line counts (metrics never steer sessions).
 
         Called once per chunk in each direction: kept to a few cell updates, with
-        the time table's write inlined (see ``TimeTable.add``).
+        the time table's write inlined: ``TimeTable.restore`` of one
+        ``(0, req, resp)`` bucket, with this module's copies of its constants
+        (``test_record_writes_the_cells_a_reference_writer_would`` holds them together).
         """
         c = self.block
         c[_B_C2S if to_server else _B_S2C] += nbytes
@@ -78,9 +97,9 @@ class Stats:
             if nak:
                 c[_NAK] += nak
         elif not req:
-            return inv
-        b = int(self.clock() * 100)  # timetable.bucket_of, inlined
-        i = _HEADER + (b % timetable.SLOTS) * 3
+            return  # no request and no response: nothing for the time table
+        b = int(self.clock() * _TICKS)  # timetable.bucket_of, inlined
+        i = _HEADER + (b % _SLOTS) * _STRIDE
         if c[i] != b:
             c[i] = b
             c[i + 1] = req
@@ -90,7 +109,6 @@ class Stats:
                 c[i + 1] += req
             if resp:
                 c[i + 2] += resp
-        return req + resp + inv
 
     def connection_opened(self) -> None:
         self.block[_ACTIVE] += 1
@@ -137,33 +155,23 @@ class Snapshot:
 
     @classmethod
     def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> Snapshot:
+        """Sum counter blocks (one process's, or every worker's slot) as of ``now``."""
         blocks = list(blocks)
         totals = {name: sum(b[i] for b in blocks) for i, name in enumerate(COUNTERS)}
-        tables = [b[_HEADER:] for b in blocks]
-        merged: dict[int, list[int]] = {}
-        for cells in tables:
-            for age, req, resp in TimeTable(cells).buckets(now):
-                slot = merged.setdefault(age, [0, 0])
-                slot[0] += req
-                slot[1] += resp
+        buckets = timetable.merge_buckets(*(TimeTable(b[_HEADER:]).buckets(now) for b in blocks))
         return cls(
             totals=totals,
-            windows=timetable.window_counts(tables, now),
+            windows=timetable.window_sums(buckets),
             uptime_s=max(0.0, now - started),
-            buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
+            buckets=buckets,
         )
 
     def __add__(self, other: Snapshot) -> Snapshot:
-        merged: dict[int, list[int]] = {}
-        for age, req, resp in [*self.buckets, *other.buckets]:
-            slot = merged.setdefault(age, [0, 0])
-            slot[0] += req
-            slot[1] += resp
         return Snapshot(
             totals={k: self.totals.get(k, 0) + other.totals.get(k, 0) for k in {*self.totals, *other.totals}},
             windows=tuple(a + b for a, b in zip(self.windows, other.windows, strict=True)),  # type: ignore[arg-type]
             uptime_s=max(self.uptime_s, other.uptime_s),
-            buckets=sorted((age, r, s) for age, (r, s) in merged.items()),
+            buckets=timetable.merge_buckets(self.buckets, other.buckets),
         )
 
     def as_dict(self) -> dict[str, int | float]:
@@ -182,7 +190,102 @@ class Snapshot:
             "response_rate_10s": round(s10 / timetable.WINDOWS[1], 3),
         }
         for name in COUNTERS[3:]:
-            if name != "heartbeat_ns":
-                out[name] = t.get(name, 0)
+            out[name] = t.get(name, 0)
         out["uptime_s"] = round(self.uptime_s, 3)
         return out
+
+
+# -- the workers' shared table ---------------------------------------------------------
+#: Cells before each slot's stats block: supervision data, not metrics.
+SUPERVISION_CELLS = 8
+_HEARTBEAT = 0  # time.monotonic_ns() of the worker's last stamp; 0 = not ready
+SLOT_CELLS = SUPERVISION_CELLS + BLOCK_CELLS
+SLOT_BYTES = SLOT_CELLS * 8
+_GAUGE_CELLS = tuple(_IDX[name] for name in sorted(GAUGES))
+_MESSAGE_CELLS = (_REQ, _ACK, _NAK)
+
+
+class SlotTable:
+    """Slots in one shared ``mmap``: ``0..workers-1`` for workers, then the base slot.
+
+    Each slot is a heartbeat cell (``heartbeat``/``beat``) and a stats block
+    (``blocks``). One writer per slot: a worker writes its own, the master
+    writes the base slot and, only while no worker owns a slot, that slot's
+    gauges and heartbeat.
+    """
+
+    def __init__(self, fd: int, mapping: mmap.mmap) -> None:
+        self.fd = fd
+        self._mmap = mapping
+        count = len(mapping) // SLOT_BYTES
+        if count < 2 or len(mapping) % SLOT_BYTES:
+            raise ValueError("not a worker table: %d bytes" % len(mapping))
+        self.workers = count - 1
+        view = memoryview(mapping)
+        slots = [view[i * SLOT_BYTES : (i + 1) * SLOT_BYTES].cast("q") for i in range(count)]
+        view.release()
+        self._supervision = [slot[:SUPERVISION_CELLS] for slot in slots]
+        self.blocks = [slot[SUPERVISION_CELLS:] for slot in slots]
+        for slot in slots:
+            slot.release()
+
+    @classmethod
+    def create(cls, workers: int) -> SlotTable:
+        """A zeroed table for ``workers`` workers, in an anonymous file (no name to clean up)."""
+        size = (workers + 1) * SLOT_BYTES
+        try:
+            fd = os.memfd_create("fooproxy-stats")
+        except (AttributeError, OSError):  # not Linux, or an old kernel
+            handle, path = tempfile.mkstemp(prefix="fooproxy-stats-")
+            os.unlink(path)
+            fd = handle
+        os.ftruncate(fd, size)  # reads as zeros
+        return cls(fd, mmap.mmap(fd, size))
+
+    @classmethod
+    def attach(cls, fd: int) -> SlotTable:
+        """Map the table the master created (a worker, given the descriptor)."""
+        return cls(fd, mmap.mmap(fd, os.fstat(fd).st_size))
+
+    @property
+    def base(self) -> memoryview:
+        """The master's own block: restored history, written by no worker."""
+        return self.blocks[-1]
+
+    def beat(self, slot: int, now_ns: int) -> None:
+        """Stamp ``slot``'s heartbeat (its worker, every heartbeat interval)."""
+        self._supervision[slot][_HEARTBEAT] = now_ns
+
+    def heartbeat_ns(self, slot: int) -> int:
+        """The last heartbeat stamped in ``slot`` (``time.monotonic_ns()``), 0 before the first."""
+        return self._supervision[slot][_HEARTBEAT]
+
+    def messages(self, slot: int) -> int:
+        """REQ + ACK + NAK counted in ``slot`` (for log lines)."""
+        block = self.blocks[slot]
+        return sum(block[i] for i in _MESSAGE_CELLS)
+
+    def reset(self, slot: int) -> None:
+        """Zero the gauges and the heartbeat of a slot whose worker is gone.
+
+        Its connections and pool died with it; totals and window buckets stay:
+        the replacement continues from them. A zero heartbeat marks the slot
+        "not ready" until the replacement stamps its first one.
+        """
+        block = self.blocks[slot]
+        for i in _GAUGE_CELLS:
+            block[i] = 0
+        self._supervision[slot][_HEARTBEAT] = 0
+
+    def snapshot(self, started: float, now: float | None = None) -> Snapshot:
+        """All stats blocks summed, as of ``now`` (default: the system-wide monotonic clock)."""
+        return Snapshot.from_blocks(self.blocks, time.monotonic() if now is None else now, started)
+
+    def close(self) -> None:
+        """Unmap and close (tests; a process simply exits)."""
+        for view in (*self.blocks, *self._supervision):
+            view.release()
+        self.blocks = []
+        self._supervision = []
+        self._mmap.close()
+        os.close(self.fd)

@@ -1,9 +1,13 @@
-"""Upstream connections: resolve the server's address once, dial it per client.
+"""Upstream connections: resolve the server's address once, connect to it per client.
 
-``Connector`` is the interface the proxy uses (``acquire``/``release``); the
-pooled variant in ``pool.py`` reuses clean connections instead of closing them.
-``Dial`` is the same connect without a greenlet: a non-blocking ``connect`` and
-a write watcher, for the proxy's accept callback (see ``Proxy.do_handle``).
+``Connector`` is the interface the proxy uses. It says once, in
+``connects_from_hub``, how it hands out connections: from the hub
+(``connect_from_hub(done)``, a ``HubConnect`` on watchers, called from the
+accept callback) or in a greenlet (``acquire()``, which may wait: the pooled
+variant in ``pool.py``, which also reuses clean connections instead of
+closing them). ``connect_first`` is the blocking connect a greenlet uses.
+Either way a failure is an ``UpstreamError`` whose ``reason`` is what the
+client's close line says.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import socket as _stdsocket
+import time
 from collections.abc import Callable
 
 import gevent
@@ -18,9 +23,17 @@ from gevent import socket
 
 from fooproxy.config import Address
 
+UNREACHABLE = "upstream unreachable"
+#: After a failed connect, re-resolve the name at most this often (off the hub).
+REFRESH_INTERVAL = 1.0
+
 
 class UpstreamError(OSError):
-    """The upstream could not be reached; the message says where and why."""
+    """A client gets no upstream connection: ``str()`` says where and why (logged),
+    ``reason`` is the short ending of the client's close line (and the key the
+    proxy rate-limits its warnings by)."""
+
+    reason = UNREACHABLE
 
 
 def resolve(address: Address) -> list[tuple]:
@@ -29,7 +42,7 @@ def resolve(address: Address) -> list[tuple]:
     return [(family, sockaddr) for family, _type, _proto, _name, sockaddr in infos]
 
 
-def dial(targets: list[tuple], timeout: float) -> socket.socket:
+def connect_first(targets: list[tuple], timeout: float) -> socket.socket:
     """Connect to the first target that accepts, with ``timeout`` per attempt."""
     last: OSError | None = None
     for family, sockaddr in targets:
@@ -49,19 +62,23 @@ def dial(targets: list[tuple], timeout: float) -> socket.socket:
 
 
 class Connector:
-    """One fresh upstream connection per client."""
+    """One fresh upstream connection per client, connected from the hub."""
+
+    #: True: ``connect_from_hub(done)`` from the accept callback, no greenlet. False:
+    #: ``acquire()`` in a greenlet, which may wait (a pool). Fixed per class.
+    connects_from_hub = True
+    #: Whether released connections may be kept (sessions then keep the upstream open).
+    reuses = False
 
     def __init__(self, address: Address, connect_timeout: float) -> None:
         self.address = address
         self.connect_timeout = connect_timeout
         self._targets: list[tuple] | None = None
-
-    @property
-    def reuses(self) -> bool:
-        """Whether released connections may be kept (sessions then keep the upstream open)."""
-        return False
+        self._refresh: gevent.Greenlet | None = None
+        self._refreshed_at = float("-inf")
 
     def targets(self) -> list[tuple]:
+        """The resolved addresses (resolving now, in this greenlet, if never done)."""
         if self._targets is None:
             self._targets = resolve(self.address)
         return self._targets
@@ -71,62 +88,105 @@ class Connector:
         try:
             self.targets()
         except OSError:
-            pass  # not resolvable yet: the first client tries again, in a greenlet
-
-    @property
-    def resolved(self) -> bool:
-        """The address is resolved: ``dial`` can run without a greenlet (no DNS lookup)."""
-        return self._targets is not None
+            pass  # not resolvable yet: the first connect resolves it (a HubConnect does so in a greenlet)
 
     def acquire(self) -> socket.socket:
-        """A connected upstream socket, or ``UpstreamError`` saying why not."""
+        """A connected upstream socket, or ``UpstreamError`` saying why not (blocks this greenlet)."""
         try:
-            return dial(self.targets(), self.connect_timeout)
+            return connect_first(self.targets(), self.connect_timeout)
         except OSError as exc:
             raise self.failure(exc) from None
 
-    def dial(self, done: Callable[[socket.socket | None, UpstreamError | None], None]) -> Dial:
-        """Start a connect from the hub (``resolved`` must hold); ``done(sock, None)`` or ``done(None, error)``."""
-        assert self._targets is not None
-        return Dial(self._targets, self.connect_timeout, lambda sock, exc: done(sock, exc and self.failure(exc)))
+    def connect_from_hub(self, done: Callable[[socket.socket | None, UpstreamError | None], None]) -> HubConnect:
+        """Start a connect from the hub: ``done(sock, None)``, ``done(None, error)``, or ``done(None, None)``
+        if cancelled."""
+        report = lambda sock, exc: done(sock, exc and self.failure(exc))  # noqa: E731
+        if self._targets is None:  # never resolved: the HubConnect resolves first, in a greenlet
+            return HubConnect(None, self.connect_timeout, report, resolve=self.targets)
+        return HubConnect(self._targets, self.connect_timeout, report)
 
     def failure(self, exc: OSError) -> UpstreamError:
         """The ``UpstreamError`` a failed connect is reported as."""
+        if isinstance(exc, UpstreamError):
+            return exc
         if isinstance(exc, TimeoutError):
             return UpstreamError("connect to %s timed out after %gs" % (self.address, self.connect_timeout))
-        self._targets = None  # re-resolve next time: the name may have moved
+        # The name may have moved: resolve it again in the background. Clients keep
+        # connecting to the current targets meanwhile, from the hub as before.
+        self._refresh_targets()
         return UpstreamError("cannot connect to %s: %s" % (self.address, exc.strerror or exc))
+
+    def _refresh_targets(self) -> None:
+        now = time.monotonic()
+        if self._refresh is not None or now - self._refreshed_at < REFRESH_INTERVAL:
+            return
+        self._refreshed_at = now
+        self._refresh = gevent.spawn(self._resolve_again)
+
+    def _resolve_again(self) -> None:
+        try:
+            self._targets = resolve(self.address)
+        except OSError:
+            pass  # keep the old targets: a failing lookup is no better
+        finally:
+            self._refresh = None
 
     def release(self, sock: socket.socket, reusable: bool) -> None:
         """Give a connection back after its session; here it is always closed."""
         sock.close()
 
     def close(self) -> None:
-        """Close whatever the connector keeps (nothing here)."""
+        """Stop a re-resolve in progress; nothing else is kept here."""
+        refresh, self._refresh = self._refresh, None
+        if refresh is not None:
+            refresh.kill(timeout=1)
 
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EINTR})
 
 
-class Dial:
+class HubConnect:
     """One upstream connect driven by libev watchers, for callers in the hub.
 
-    Tries each target in turn with ``timeout`` each, like ``dial``, then calls
+    Tries each target in turn with ``timeout`` each, like ``connect_first``, then calls
     ``done(sock, None)`` or ``done(None, last_error)`` exactly once (possibly
     before the constructor returns). ``cancel()`` stops it and calls
-    ``done(None, None)``.
+    ``done(None, None)``. Given no targets but ``resolve``, it first resolves
+    in a greenlet (a lookup may block; the hub must not).
     """
 
-    __slots__ = ("targets", "timeout", "done", "sock", "watcher", "timer", "last")
+    __slots__ = ("targets", "timeout", "done", "sock", "watcher", "timer", "last", "resolver")
 
-    def __init__(self, targets: list[tuple], timeout: float, done: Callable) -> None:
-        self.targets = list(targets)
+    def __init__(
+        self,
+        targets: list[tuple] | None,
+        timeout: float,
+        done: Callable,
+        resolve: Callable[[], list[tuple]] | None = None,
+    ) -> None:
+        self.targets = list(targets or ())
         self.timeout = timeout
         self.done: Callable | None = done
         self.sock: socket.socket | None = None
         self.watcher = self.timer = None
         self.last: OSError | None = None
-        self._next()
+        self.resolver: gevent.Greenlet | None = None
+        if targets is None and resolve is not None:
+            self.resolver = gevent.spawn(self._resolve, resolve)
+        else:
+            self._next()
+
+    def _resolve(self, resolve: Callable[[], list[tuple]]) -> None:
+        try:
+            targets = resolve()
+        except OSError as exc:
+            self.resolver = None
+            self._report(None, exc)
+            return
+        self.resolver = None
+        if self.done is not None:  # not cancelled meanwhile
+            self.targets = list(targets)
+            self._next()
 
     @property
     def finished(self) -> bool:
@@ -202,6 +262,9 @@ class Dial:
             self.watcher = self.timer = None
 
     def _drop(self) -> None:
+        resolver, self.resolver = self.resolver, None
+        if resolver is not None:
+            resolver.kill(block=False)
         self._stop()
         if self.sock is not None:
             self.sock.close()

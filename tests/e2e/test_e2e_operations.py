@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import urllib.error
 import urllib.request
 
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import tasks
 from harness.processes import free_port
 from harness.sigusr2 import read_stats
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 CHECK_TRACEBACKS = True
@@ -25,16 +25,6 @@ def get(url: str) -> tuple[int, bytes]:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
-
-
-def poll(predicate, timeout: float = 10.0) -> bool:
-    """Check a condition until it holds or the deadline passes (readiness, not a fixed wait)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def run_ok(proxy: tasks.Service, n: int = 1) -> None:
@@ -78,7 +68,7 @@ def test_health_is_503_while_the_upstream_is_down(procs, server):
         seen["status"], seen["body"] = get("http://%s/health" % http)
         return seen["status"] == 503
 
-    assert poll(unhealthy), seen
+    assert wait_until(unhealthy, 10.0, interval=0.02), seen
     assert "unreachable" in json.loads(seen["body"])["reason"]
 
 
@@ -98,7 +88,7 @@ def test_stats_survive_kill_9_and_restart(procs, server, tmp_path):
         except (OSError, ValueError, KeyError):
             return False
 
-    assert poll(saved_all)
+    assert wait_until(saved_all, 10.0, interval=0.02)
     proxy.send_signal(signal.SIGKILL)
     proxy.wait(timeout=10)
     again = procs.proxy(server.address, listen=listen, recovery_path=path)

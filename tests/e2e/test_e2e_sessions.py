@@ -11,7 +11,7 @@ import pytest
 
 from harness import tasks
 from harness.peers.answer import ERRDECODE, answer
-from tests.e2e.helpers import connect, recv_lines, recv_until_eof
+from tests.helpers import connect, recv_lines, recv_until_eof, wait_until
 
 pytestmark = pytest.mark.e2e
 CHECK_TRACEBACKS = True  # see conftest.procs
@@ -19,13 +19,17 @@ CHECK_TRACEBACKS = True  # see conftest.procs
 
 def wait_for_stats(proxy: tasks.Service, predicate, timeout: float = 5.0) -> dict:
     """Read stats until ``predicate(stats)`` holds; the last stats in the assertion message otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = tasks.signal_stats(proxy)
-        if predicate(stats):
-            return stats
-        assert time.monotonic() < deadline, "stats never satisfied the condition: %s\n%s" % (stats, proxy.tail())
-        time.sleep(0.05)
+    seen: dict = {}
+
+    def satisfied() -> bool:
+        seen.update(tasks.signal_stats(proxy))
+        return predicate(seen)
+
+    assert wait_until(satisfied, timeout, interval=0.05), "stats never satisfied the condition: %s\n%s" % (
+        seen,
+        proxy.tail(),
+    )
+    return dict(seen)
 
 
 def test_upstream_down_fails_the_client_promptly_then_recovers(procs, peers) -> None:

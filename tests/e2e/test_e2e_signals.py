@@ -16,7 +16,7 @@ from harness.binaries import fooproxy_command
 from harness.peers.answer import answer
 from harness.processes import wait_for_port
 from harness.sigusr2 import next_line, parse_stats
-from tests.e2e.helpers import connect, recv_lines, recv_until_eof
+from tests.helpers import connect, recv_lines, recv_until_eof
 
 pytestmark = pytest.mark.e2e
 CHECK_TRACEBACKS = True  # see conftest.procs

@@ -26,7 +26,7 @@ import pytest
 from harness import tasks
 from harness.binaries import Peers
 from harness.peers.answer import answer_for
-from tests.e2e.helpers import connect, recv_lines
+from tests.helpers import connect, recv_lines
 
 pytestmark = pytest.mark.e2e
 

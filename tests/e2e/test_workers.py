@@ -23,7 +23,7 @@ import pytest
 from harness import tasks
 from harness.binaries import fooproxy_command
 from harness.processes import free_port
-from tests.e2e.helpers import connect, recv_lines, recv_until_eof
+from tests.helpers import connect, recv_lines, recv_until_eof, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -67,21 +67,16 @@ def running(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02):
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError("timed out after %gs waiting for %s" % (timeout, what))
-        time.sleep(interval)
+def waited(predicate, timeout: float, what: str, interval: float = 0.02):
+    """``wait_until``, failing with ``what`` at the deadline; returns what ``predicate`` found."""
+    value = wait_until(predicate, timeout, interval)
+    assert value, "timed out after %gs waiting for %s" % (timeout, what)
+    return value
 
 
 def workers_of(proxy: tasks.Service, count: int = 2) -> list[int]:
     """The master's worker PIDs, once there are ``count`` of them."""
-    return wait_until(lambda: (lambda c: c if len(c) == count else None)(children(proxy.pid)), 10, "workers")
+    return waited(lambda: (lambda c: c if len(c) == count else None)(children(proxy.pid)), 10, "workers")
 
 
 def sockets_of(pid: int) -> int:
@@ -180,7 +175,7 @@ def test_kill_9_worker_mid_traffic_is_replaced_and_loses_no_counts(procs, server
             seen.append(tasks.signal_stats(proxy)["msg_req"])
             return seen[-1] >= before["msg_req"] + 400
 
-        wait_until(progressed, 20, "traffic through the proxy", interval=0.05)
+        waited(progressed, 20, "traffic through the proxy", interval=0.05)
         # Kill the worker holding more sessions (sockets): it surely has open ones.
         victim = max(pids, key=sockets_of)
         os.kill(victim, signal.SIGKILL)
@@ -231,8 +226,8 @@ def test_idle_worker_killed_keeps_its_counts_exactly(procs, server: tasks.Servic
     assert_exact(before, runs=20)
     for victim in pids:  # both, one after the other: every slot outlives its worker
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda v=victim: v not in children(proxy.pid) and len(children(proxy.pid)) == 2, 15, "respawn")
-    wait_until(lambda: len(re.findall(READY_AGAIN, proxy.stderr_text())) == 2, 15, "both replacements ready")
+        waited(lambda v=victim: v not in children(proxy.pid) and len(children(proxy.pid)) == 2, 15, "respawn")
+    waited(lambda: len(re.findall(READY_AGAIN, proxy.stderr_text())) == 2, 15, "both replacements ready")
     after = tasks.signal_stats(proxy)
     for key in ("msg_req", "msg_ack", "msg_nak", "connections_total", "bytes_client_to_server"):
         assert after[key] == before[key], (key, before, after)
@@ -246,13 +241,33 @@ def test_stuck_worker_is_killed_and_replaced(procs, server: tasks.Service, peers
     victim = workers_of(proxy)[0]
     os.kill(victim, signal.SIGSTOP)  # a hub that never comes back
     t0 = time.monotonic()
-    proxy.wait_for_output(r"pid %d\): no heartbeat for" % victim, timeout=20)
+    proxy.wait_for_output(r"pid %d\): no heartbeat for .*; aborting it \(SIGABRT" % victim, timeout=20)
     assert time.monotonic() - t0 < 8  # the flag, not the 10 s default, decided
+    # A stopped process keeps SIGABRT pending: SIGKILL follows.
+    proxy.wait_for_output(r"pid %d\): still there after SIGABRT; killing it" % victim, timeout=15)
+    proxy.wait_for_output(r"pid %d\) was killed by SIGKILL \(no heartbeat\)" % victim, timeout=15)
     proxy.wait_for_output(READY_AGAIN, timeout=15)
     assert not running(victim)
     results = tasks.run_clients_parallel(proxy.address, 10, peers=peers)
     assert not tasks.failures(results)
     assert_exact(tasks.signal_stats(proxy), runs=10)
+
+
+def test_stuck_worker_leaves_a_traceback_when_aborted(procs, server: tasks.Service, peers) -> None:
+    """As gunicorn does: SIGABRT before SIGKILL, and the worker's faulthandler says where it hung."""
+    proxy = start_proxy(procs, server, "-heartbeat-timeout", "1")
+    victim = workers_of(proxy)[0]
+    os.kill(victim, signal.SIGSTOP)  # its hub stops: no heartbeat
+    proxy.wait_for_output(r"pid %d\): no heartbeat for .*; aborting it" % victim, timeout=20)
+    os.kill(victim, signal.SIGCONT)  # the pending SIGABRT is delivered now, before the SIGKILL
+    proxy.wait_for_output(r"pid %d\) was killed by SIGABRT \(no heartbeat\)" % victim, timeout=15)
+    text = proxy.stderr_text()
+    assert "Fatal Python error: Aborted" in text
+    assert re.search(r"(Current thread|Thread) 0x[0-9a-f]+ .*\(most recent call first\):\n  File ", text), text[-2000:]
+    assert "still there after SIGABRT" not in text  # SIGKILL was not needed
+    proxy.wait_for_output(READY_AGAIN, timeout=15)
+    results = tasks.run_clients_parallel(proxy.address, 4, peers=peers)
+    assert not tasks.failures(results)
 
 
 @pytest.mark.parametrize("target", ["master", "group"])
@@ -302,7 +317,7 @@ def test_second_ctrl_c_exits_at_once_workers_too(procs, server: tasks.Service) -
         started = time.monotonic()
         os.killpg(proxy.pid, signal.SIGINT)
         assert proxy.wait(timeout=5) == 1, proxy.tail(40)
-        wait_until(lambda: not any(running(p) for p in pids), 5, "workers to exit at once")
+        waited(lambda: not any(running(p) for p in pids), 5, "workers to exit at once")
         assert time.monotonic() - started < 4
 
 
@@ -321,7 +336,7 @@ def test_workers_exit_when_the_master_dies(procs, server: tasks.Service) -> None
     proxy = start_proxy(procs, server)
     pids = workers_of(proxy)
     os.kill(proxy.pid, signal.SIGKILL)
-    wait_until(lambda: not any(running(p) for p in pids), 15, "workers to exit after the master died")
+    waited(lambda: not any(running(p) for p in pids), 15, "workers to exit after the master died")
 
 
 def test_foreign_process_on_the_port_is_reported_not_shared(tmp_path, server: tasks.Service) -> None:

@@ -7,6 +7,7 @@ greenlet would freeze the hub the proxy runs on.
 from __future__ import annotations
 
 import gc
+import socket as _stdsocket
 
 import gevent
 import greenlet
@@ -19,15 +20,15 @@ from fooproxy.config import Address, Config
 from fooproxy.databus import DataBus, Flow
 from fooproxy.dispatcher import Dispatcher
 from fooproxy.stats import Stats
-from fooproxy.upstream import Dial
+from fooproxy.upstream import HubConnect
 
 
 class MiniServer:
     """Answers each line ``T SEQ ...`` with ``ACK SEQ`` (``NAK 0 ERR`` otherwise).
 
     Like the reference server it never closes after the client's EOF unless
-    ``close_on_eof``; ``split`` sends each answer in two segments; ``hold``
-    makes it read but not answer until the event is set.
+    ``close_on_eof``; ``split`` sends each answer in two segments; clearing
+    the ``release`` event makes it read but not answer until it is set again.
     """
 
     def __init__(self, close_on_eof: bool = False, split: bool = False) -> None:
@@ -131,11 +132,11 @@ def proxy_for():
     for d in made:
         assert len(d.proxy.handlers) == 0, "handler greenlets left: %d" % len(d.proxy.handlers)
         assert not d.proxy.sessions, "sessions left: %r" % d.proxy.sessions
-        assert not d.proxy.dialing, "upstream dials left: %r" % d.proxy.dialing
-        assert d.proxy.open == 0, "clients still open: %d" % d.proxy.open
+        assert not d.proxy.connecting, "upstream dials left: %r" % d.proxy.connecting
+        assert d.proxy.open_count == 0, "clients still open: %d" % d.proxy.open_count
     # ...no session or dial object kept alive by a watcher left behind...
     gc.collect()
-    alive = [o for o in gc.get_objects() if isinstance(o, (DataBus, Flow, Dial))]
+    alive = [o for o in gc.get_objects() if isinstance(o, (DataBus, Flow, HubConnect))]
     assert not alive, "session objects still referenced: %r" % alive[:5]
     # ...and no greenlet still running fooproxy code (a handler, a timer loop).
     running = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and _in_fooproxy(g)]
@@ -151,23 +152,6 @@ def _in_fooproxy(g: greenlet.greenlet) -> bool:
     return False
 
 
-def connect(address) -> socket.socket:
-    host, port = address[0], address[1]
-    return socket.create_connection((host if host not in ("::", "0.0.0.0") else "127.0.0.1", port), timeout=5)
-
-
-def read_lines(sock, n: int, timeout: float = 5.0) -> list[bytes]:
-    """Read exactly n lines (whatever the segmentation)."""
-    buf = b""
-    sock.settimeout(timeout)
-    while buf.count(b"\n") < n:
-        data = sock.recv(65536)
-        if not data:
-            break
-        buf += data
-    return buf.split(b"\n")[:n] if buf.count(b"\n") >= n else buf.split(b"\n")
-
-
 def closed_by_proxy(c, timeout: float = 5.0) -> bool:
     """The proxy closed this client: EOF (or a reset) within ``timeout``."""
     c.settimeout(timeout)
@@ -177,10 +161,32 @@ def closed_by_proxy(c, timeout: float = 5.0) -> bool:
         return True
 
 
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.005) -> bool:
-    """Poll a condition cooperatively with a deadline (readiness, not a fixed sleep)."""
-    with gevent.Timeout(timeout, False):
-        while not predicate():
-            gevent.sleep(interval)
-        return True
-    return predicate()
+@pytest.fixture
+def blackhole():
+    """A loopback listener whose accept queue is full: new SYNs are dropped, connects hang.
+
+    Linux drops a SYN when the listener's accept queue is full (the proxy never
+    sends anything off 127.0.0.0/8). Fillers are added until one times out.
+    """
+    lsock = _stdsocket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(0)
+    address = lsock.getsockname()
+    fillers = []
+    try:
+        for _ in range(16):
+            s = socket.socket()
+            s.settimeout(0.2)
+            try:
+                s.connect(address)
+            except TimeoutError:
+                s.close()
+                break
+            fillers.append(s)
+        else:
+            pytest.skip("could not fill the listen backlog on this kernel")
+        yield Address("127.0.0.1", address[1])
+    finally:
+        for s in fillers:
+            s.close()
+        lsock.close()

@@ -18,8 +18,9 @@ import struct
 import time
 
 import gevent
-from conftest import read_lines, wait_until
 from gevent import socket
+
+from tests.helpers import read_lines, wait_until
 
 DURATION = 3.0
 CLIENTS = 60
@@ -123,4 +124,4 @@ def test_a_crowd_of_misbehaving_clients(mini_server, proxy_for, caplog):
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     totals = d.snapshot().totals
     assert good[0] > 100 and totals["connections_total"] > good[0]
-    assert not d.proxy.sessions and d.proxy.open == 0
+    assert not d.proxy.sessions and d.proxy.open_count == 0

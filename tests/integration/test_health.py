@@ -11,15 +11,7 @@ from gevent.server import StreamServer
 
 from fooproxy.config import Address
 from fooproxy.health import Health, UpstreamChecker
-
-
-def wait_for(predicate, timeout: float = 5.0) -> bool:
-    """Poll cooperatively with a deadline."""
-    with gevent.Timeout(timeout, False):
-        while not predicate():
-            gevent.sleep(0.005)
-        return True
-    return predicate()
+from tests.helpers import wait_until
 
 
 @pytest.fixture
@@ -60,10 +52,10 @@ def test_listening_upstream_is_ok(upstream, checkers):
     checker = checkers(Address("127.0.0.1", upstream.server_port), interval=0.01)
     assert checker.status() == (True, "upstream 127.0.0.1:%d not checked yet" % upstream.server_port)
     checker.start()
-    assert wait_for(lambda: checker.checks >= 3)
+    assert wait_until(lambda: checker.checks >= 3)
     ok, reason = checker.status()
     assert ok and "reachable" in reason
-    assert wait_for(lambda: len(upstream.seen) >= 3)  # each check is a real connection
+    assert wait_until(lambda: len(upstream.seen) >= 3)  # each check is a real connection
     assert checker.detail()["upstream"] == "reachable"
 
 
@@ -89,7 +81,7 @@ def test_closed_port_unhealthy_after_two_failures(checkers, caplog):
 def test_closed_port_via_the_loop(checkers):
     checker = checkers(closed_port(), interval=0.01)
     checker.start()
-    assert wait_for(lambda: not checker.status()[0])
+    assert wait_until(lambda: not checker.status()[0])
     assert checker.consecutive_failures >= 2
 
 

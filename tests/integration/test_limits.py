@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import errno
-import socket as _stdsocket
 import time
 
-import gevent
 import pytest
-from conftest import closed_by_proxy, connect, read_lines, wait_until
-from gevent import socket
+from conftest import closed_by_proxy
 from gevent.event import Event
 from gevent.server import StreamServer
 
 from fooproxy.config import Address
-from fooproxy.upstream import Connector, Dial, UpstreamError
-
-
-def totals(d) -> dict:
-    return d.snapshot().totals
+from tests.helpers import connect, read_lines, totals, wait_until
 
 
 def silent_for(c, seconds: float) -> bool:
@@ -56,45 +48,6 @@ def test_max_conns_holds_extra_clients_in_the_backlog(mini_server, proxy_for):
 # --- -connect-timeout ----------------------------------------------------------
 
 
-@pytest.fixture
-def blackhole():
-    """A loopback listener whose accept queue is full: new SYNs are dropped, connects hang.
-
-    Linux drops a SYN when the listener's accept queue is full (the proxy never
-    sends anything off 127.0.0.0/8). Fillers are added until one times out.
-    """
-    lsock = _stdsocket.socket()
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(0)
-    address = lsock.getsockname()
-    fillers = []
-    try:
-        for _ in range(16):
-            s = socket.socket()
-            s.settimeout(0.2)
-            try:
-                s.connect(address)
-            except TimeoutError:
-                s.close()
-                break
-            fillers.append(s)
-        else:
-            pytest.skip("could not fill the listen backlog on this kernel")
-        yield Address("127.0.0.1", address[1])
-    finally:
-        for s in fillers:
-            s.close()
-        lsock.close()
-
-
-def test_connector_times_out_on_a_blackhole(blackhole):
-    conn = Connector(blackhole, 0.3)
-    t0 = time.monotonic()
-    with pytest.raises(UpstreamError, match=r"timed out after 0.3s"):
-        conn.acquire()
-    assert 0.25 <= time.monotonic() - t0 < 2
-
-
 @pytest.mark.parametrize("pool_size", [0, 2])
 def test_connect_timeout_closes_the_client_and_keeps_serving(blackhole, proxy_for, pool_size):
     d = proxy_for(blackhole, connect_timeout=0.3, pool_size=pool_size)
@@ -114,7 +67,7 @@ def test_drain_closes_clients_still_waiting_for_their_upstream(blackhole, proxy_
     clients = [connect(d.address) for _ in range(3)]
     assert wait_until(lambda: totals(d)["connections_active"] == 3)
     # Unpooled: three dials on watchers; pooled: two handlers dialling, one queued.
-    assert (len(d.proxy.dialing), len(d.proxy.handlers)) == ((3, 0) if pool_size == 0 else (0, 3))
+    assert (len(d.proxy.connecting), len(d.proxy.handlers)) == ((3, 0) if pool_size == 0 else (0, 3))
     t0 = time.monotonic()
     d.shutdown()  # the fixture then checks that no dial, handler or session is left
     assert time.monotonic() - t0 < 5
@@ -122,72 +75,6 @@ def test_drain_closes_clients_still_waiting_for_their_upstream(blackhole, proxy_
         assert closed_by_proxy(c)
     assert totals(d)["connections_active"] == 0
     assert totals(d)["upstream_errors"] == 0  # shut down, not "unreachable"
-
-
-# --- Dial: the connect without a greenlet ---------------------------------------
-
-
-class Reports:
-    """Collects ``Dial`` reports (made in the hub) and waits for the first."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-        self.arrived = Event()
-
-    def __call__(self, sock, exc) -> None:
-        self.calls.append((sock, exc))
-        self.arrived.set()
-
-    def one(self, timeout: float = 5.0) -> tuple:
-        assert self.arrived.wait(timeout), "Dial never reported"
-        gevent.sleep(0.05)  # a second report would come right after the first
-        assert len(self.calls) == 1, self.calls
-        return self.calls[0]
-
-
-def _targets(address: Address) -> list[tuple]:
-    return [(_stdsocket.AF_INET, (address.host, address.port))]
-
-
-def test_dial_connects_and_the_socket_works(mini_server):
-    srv = mini_server()
-    got = Reports()
-    Dial(_targets(srv.address), 2.0, got)
-    sock, exc = got.one()
-    assert exc is None and sock.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY)
-    sock.sendall(b"REQ 1 a\n")
-    assert read_lines(sock, 1) == [b"ACK 1 ok"]
-    sock.close()
-
-
-def test_dial_reports_a_refused_connect_once():
-    probe = _stdsocket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()  # nothing listens there now
-    got = Reports()
-    Dial([(_stdsocket.AF_INET, ("127.0.0.1", port))], 2.0, got)
-    sock, exc = got.one()
-    assert sock is None and exc.errno == errno.ECONNREFUSED
-
-
-def test_dial_times_out_then_tries_the_next_target(blackhole, mini_server):
-    srv = mini_server()
-    got = Reports()
-    t0 = time.monotonic()
-    Dial(_targets(blackhole) + _targets(srv.address), 0.3, got)
-    sock, exc = got.one()
-    assert exc is None and 0.25 <= time.monotonic() - t0 < 2
-    assert sock.getpeername()[1] == srv.address.port
-    sock.close()
-
-
-def test_dial_cancel_reports_nothing_connected(blackhole):
-    got = Reports()
-    dial = Dial(_targets(blackhole), 30, got)
-    assert not dial.finished
-    dial.cancel()
-    assert got.one() == (None, None) and dial.finished and dial.sock is None
 
 
 # --- -idle-timeout -------------------------------------------------------------

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import gevent
-from conftest import connect, wait_until
 from gevent.server import StreamServer
 
 from fooproxy.config import Address
+from tests.helpers import connect, wait_until
 
 
 def rss_kib() -> int:

@@ -16,10 +16,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import gevent
 import gevent.socket as gsocket
 import pytest
 from gevent.server import StreamServer
@@ -33,6 +31,7 @@ from fooproxy.config import Address
 from harness.peers.answer import answer_for
 from harness.peers.client import ClientOptions, run
 from harness.peers.server import FooServer, make_listener
+from tests.helpers import recv_lines, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -46,15 +45,15 @@ def free_port() -> int:
 
 
 def wait_port(port: int, proc: subprocess.Popen, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    def accepting() -> bool:
         assert proc.poll() is None, "server exited early with %s" % proc.returncode
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
         except OSError:
-            time.sleep(0.01)  # polling interval of the readiness probe, not synchronisation
-    raise AssertionError("server did not accept connections on %d" % port)
+            return False
+        return True
+
+    assert wait_until(accepting, deadline, interval=0.01), "server did not accept connections on %d" % port
 
 
 class ServerProc:
@@ -110,15 +109,6 @@ def connect(port: int, host: str = "127.0.0.1") -> socket.socket:
     s = socket.create_connection((host, port), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
-
-
-def read_lines(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while buf.count(b"\n") < n:
-        data = sock.recv(65536)
-        assert data, "EOF after %r" % buf
-        buf += data
-    return buf
 
 
 # --- the client against the server ------------------------------------------
@@ -198,7 +188,7 @@ def test_byte_by_byte_request_is_answered(start_server):
         s.settimeout(5)
         for byte in b"x\nREQ +5 x\n":
             s.send(bytes([byte]))
-        assert read_lines(s, 2) == EXAMPLE + answer_for(b"REQ 5 x")
+        assert b"".join(recv_lines(s, 2)) == EXAMPLE + answer_for(b"REQ 5 x")
 
 
 def test_pipelined_answers_in_order_and_errdecode_keeps_open(start_server):
@@ -206,9 +196,9 @@ def test_pipelined_answers_in_order_and_errdecode_keeps_open(start_server):
     lines = [b"REQ %d d%d" % (i, i) for i in range(1, 200)] + [b"REQ 1 x y", b"REQ 7 q\r"]
     with connect(srv.port) as s:
         s.sendall(b"".join(line + b"\n" for line in lines))
-        assert read_lines(s, len(lines)) == b"".join(answer_for(line) for line in lines)
+        assert b"".join(recv_lines(s, len(lines))) == b"".join(answer_for(line) for line in lines)
         s.sendall(b"REQ 1 x\n")
-        assert read_lines(s, 1) == EXAMPLE
+        assert b"".join(recv_lines(s, 1)) == EXAMPLE
 
 
 def test_longest_line_answered_longer_ends_the_answers_but_not_the_connection(start_server):
@@ -217,10 +207,10 @@ def test_longest_line_answered_longer_ends_the_answers_but_not_the_connection(st
     assert len(fits) == 65536
     with connect(srv.port) as s:
         s.sendall(fits)
-        assert read_lines(s, 1) == answer_for(fits)
+        assert b"".join(recv_lines(s, 1)) == answer_for(fits)
     with connect(srv.port) as s:
         s.sendall(b"REQ 1 x\nREQ 2 " + b"a" * 70000 + b"\nREQ 3 y\n")
-        assert read_lines(s, 1) == EXAMPLE  # the line before it is answered
+        assert b"".join(recv_lines(s, 1)) == EXAMPLE  # the line before it is answered
         s.settimeout(0.5)
         with pytest.raises(socket.timeout):
             s.recv(1)  # then nothing, and no EOF: the server holds the socket, as server-linux does
@@ -233,7 +223,7 @@ def test_eof_answers_pending_then_never_closes(start_server):
     with connect(srv.port) as s:
         s.sendall(b"REQ 1 x\nREQ 2 y\n")
         s.shutdown(socket.SHUT_WR)
-        assert read_lines(s, 2) == EXAMPLE + answer_for(b"REQ 2 y")
+        assert b"".join(recv_lines(s, 2)) == EXAMPLE + answer_for(b"REQ 2 y")
         s.settimeout(0.3)
         with pytest.raises(socket.timeout):
             s.recv(1)  # no EOF from the server (as the reference)
@@ -257,7 +247,7 @@ def test_dual_stack_on_empty_host(start_server):
     srv = start_server()
     with connect(srv.port, "127.0.0.1") as s:
         s.sendall(b"REQ 1 x\n")
-        assert read_lines(s, 1) == EXAMPLE
+        assert b"".join(recv_lines(s, 1)) == EXAMPLE
     if not socket.has_ipv6:
         pytest.skip("no IPv6")
     try:
@@ -266,7 +256,7 @@ def test_dual_stack_on_empty_host(start_server):
         pytest.skip("IPv6 loopback unavailable")
     with s6:
         s6.sendall(b"REQ 1 x\n")
-        assert read_lines(s6, 1) == EXAMPLE
+        assert b"".join(recv_lines(s6, 1)) == EXAMPLE
     assert "[::1]:" in srv.stderr()
 
 
@@ -276,9 +266,9 @@ def test_signal_ends_it_promptly_by_that_signal_with_open_connections(start_serv
     with connect(srv.port) as held, connect(srv.port) as parked:
         parked.sendall(b"REQ 1 x\n")
         parked.shutdown(socket.SHUT_WR)
-        assert read_lines(parked, 1) == EXAMPLE
+        assert b"".join(recv_lines(parked, 1)) == EXAMPLE
         held.sendall(b"REQ 2 y\n")
-        read_lines(held, 1)
+        b"".join(recv_lines(held, 1))
         srv.proc.send_signal(sig)
         assert srv.proc.wait(timeout=5) == -sig  # as server-linux, which does not catch it
 
@@ -324,14 +314,6 @@ def inproc():
     finally:
         for srv in servers:
             srv.stop(timeout=0)
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    with gevent.Timeout(timeout, False):
-        while not predicate():
-            gevent.sleep(0.005)
-        return True
-    return predicate()
 
 
 def gread(sock, n: int) -> bytes:

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import socket as _stdsocket
 
 import gevent
-from conftest import connect, read_lines, wait_until
+import pytest
 from gevent import socket
 
 from fooproxy import databus
 from fooproxy.config import Address
-
-
-def totals(d) -> dict:
-    return d.snapshot().as_dict()
+from tests.helpers import connect, read_lines, totals, wait_until
 
 
 def test_exchange_is_forwarded_unchanged_and_counted(mini_server, proxy_for):
@@ -105,13 +103,22 @@ def test_upstream_down_closes_client_and_keeps_serving(mini_server, proxy_for):
         c.close()
     assert wait_until(lambda: totals(d)["upstream_errors"] == 3)
     assert totals(d)["connections_active"] == 0
-    # The proxy is still there and serves once a server appears.
+    # The proxy is still there and serves once a server appears where the name
+    # now points: a refused connect re-resolves it in the background.
     srv = mini_server()
     d.connector.address = srv.address
-    d.connector._targets = None
-    c = connect(d.address)
-    c.sendall(b"REQ 9 x\n")
-    assert read_lines(c, 1) == [b"ACK 9 ok"]
+
+    def served() -> bool:
+        c = connect(d.address)
+        try:
+            c.sendall(b"REQ 9 x\n")
+            return read_lines(c, 1) == [b"ACK 9 ok"]
+        except ConnectionResetError:  # still the old target: refused, closed by the proxy
+            return False
+        finally:
+            c.close()
+
+    assert wait_until(served, timeout=5, interval=0.1)
 
 
 def test_upstream_closing_mid_session_ends_it(mini_server, proxy_for):
@@ -220,8 +227,26 @@ def test_drain_closes_sessions_after_grace(mini_server, proxy_for):
     assert totals(d)["connections_active"] == 0
 
 
-def test_close_reasons_are_named():
-    assert databus.CLIENT_CLOSED and databus.UPSTREAM_CLOSED and databus.IDLE
+@pytest.mark.parametrize(
+    "ending, reason",
+    [("client", databus.CLIENT_CLOSED), ("server", databus.UPSTREAM_CLOSED), ("idle", databus.IDLE)],
+)
+def test_the_close_line_names_how_the_session_ended(mini_server, proxy_for, caplog, ending, reason):
+    srv = mini_server()
+    d = proxy_for(srv.address, idle_timeout=0.2)
+    caplog.set_level(logging.INFO, logger="fooproxy.proxy")
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    assert read_lines(c, 1) == [b"ACK 1 ok"]
+    if ending == "client":
+        c.close()
+    elif ending == "server":
+        srv.sockets[0].close()
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+    closes = [r.getMessage() for r in caplog.records if ": closed (" in r.getMessage()]
+    assert len(closes) == 1 and ": closed (%s) after " % reason in closes[0], closes
+    assert "client->server 8 bytes 1 msgs, server->client 9 bytes 1 msgs" in closes[0]
+    c.close()
 
 
 def test_a_client_that_does_not_read_holds_back_the_server_not_the_proxy(mini_server, proxy_for):

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from fooproxy import timetable
-from fooproxy.stats import BLOCK_BYTES, Snapshot, Stats
-from fooproxy.workers import SlotTable, _exit_text, _worker_preexec
+from fooproxy.stats import BLOCK_BYTES, SLOT_BYTES, SlotTable, Snapshot, Stats
+from fooproxy.supervisor import _exit_text
+from fooproxy.worker import worker_preexec
 
 
 class FakeClock:
@@ -80,11 +80,11 @@ def test_reset_gauges_keeps_history_for_the_replacement(table: SlotTable) -> Non
     dead.record(True, 10, (2, 0, 0, 0))
     dead.set("pool_open", 4)
     dead.set("pool_idle", 2)
-    dead.set("heartbeat_ns", 123)
+    table.beat(0, 123)
     before = table.snapshot(0.0, now=clock.t)
-    table.reset_gauges(0)
+    table.reset(0)
     after = table.snapshot(0.0, now=clock.t)
-    for name in ("connections_active", "pool_open", "pool_idle", "heartbeat_ns"):
+    for name in ("connections_active", "pool_open", "pool_idle"):
         assert after.totals[name] == 0, name
     assert table.heartbeat_ns(0) == 0  # "not ready" until the replacement stamps it
     for name in ("msg_req", "connections_total", "bytes_client_to_server"):
@@ -110,13 +110,13 @@ def test_base_slot_holds_the_restored_history_in_every_sum(table: SlotTable) -> 
     assert (d["msg_req"], d["msg_ack"], d["msg_nak"]) == (507, 450, 50)
     assert d["connections_active"] == 0  # a gauge is never restored
     assert d["request_rate_10s"] == 2.7 and d["request_rate_1s"] == 7.0
-    table.reset_gauges(1)  # a worker's death does not touch the base slot
+    table.reset(1)  # a worker's death does not touch the base slot
     assert table.snapshot(0.0, now=clock.t).totals["msg_req"] == 507
 
 
 def test_attach_refuses_a_file_that_is_not_a_table(tmp_path) -> None:
     path = tmp_path / "x"
-    path.write_bytes(b"\0" * (BLOCK_BYTES + 8))
+    path.write_bytes(b"\0" * (SLOT_BYTES + 8))
     with open(path, "r+b") as f, pytest.raises(ValueError):
         SlotTable.attach(f.fileno())
 
@@ -130,7 +130,7 @@ def test_child_starts_with_sigint_and_sigusr2_ignored_and_a_parent_death_signal(
         "print(json.dumps([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,"
         " signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN, sig.value]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], preexec_fn=_worker_preexec, capture_output=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], preexec_fn=worker_preexec, capture_output=True, check=True)
     assert json.loads(out.stdout) == [True, True, int(signal.SIGTERM)]
 
 
@@ -139,6 +139,11 @@ def test_exit_text_names_the_signal() -> None:
     assert _exit_text(3) == "exited with status 3"
 
 
-def test_block_layout_fits_the_time_table() -> None:
-    # The table's slot size is the stats block size: one layout for both processes.
-    assert BLOCK_BYTES % 8 == 0 and BLOCK_BYTES // 8 > timetable.CELLS
+def test_the_heartbeat_is_supervision_data_not_a_metric(table: SlotTable) -> None:
+    Stats(block=table.blocks[0]).connection_opened()
+    before = table.snapshot(0.0).as_dict()
+    table.beat(0, 10**18)
+    after = table.snapshot(0.0).as_dict()
+    assert table.heartbeat_ns(0) == 10**18
+    assert not any("heartbeat" in name for name in after)
+    assert {k: v for k, v in after.items() if k != "uptime_s"} == {k: v for k, v in before.items() if k != "uptime_s"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fooproxy.cli import USAGE, normalise, parse
-from fooproxy.config import Address, ConfigError, parse_address
+from fooproxy.config import Address, Config, ConfigError, parse_address
 
 
 def test_defaults_are_the_original_tools():
@@ -116,3 +116,22 @@ def test_a_repeated_flag_keeps_its_last_value_as_in_go():
     cfg = parse(["-log-level", "warning", "-grace=3", "-log-level=debug", "--grace", "4"])
     assert (cfg.log_level, cfg.grace) == ("debug", 4.0)
     assert normalise(["-grace", "1", "-h", "-grace=2"]) == ["-h", "--grace=2"]
+
+
+def test_positive_validators_agree_on_zero():
+    from fooproxy.config import positive_float, positive_int
+
+    for validate in (positive_float, positive_int):
+        with pytest.raises(ConfigError, match="positive"):
+            validate("0", "-x")
+        assert validate("0", "-x", allow_zero=True) == 0
+    assert parse(["-grace", "0", "-linger", "0", "-idle-timeout", "0", "-pool-wait", "0"]).grace == 0
+    with pytest.raises(SystemExit):
+        parse(["-connect-timeout", "0"])
+
+
+def test_no_flags_give_the_config_defaults():
+    """The usage text shows Config's defaults and docopt parses them back: one source, no drift."""
+    assert parse([]) == Config()
+    for line in ("[default: :8002]", "[default: 127.0.0.1:8088]", "[default: 10]", "[default: info]"):
+        assert line in USAGE

@@ -16,6 +16,7 @@ import pytest
 from harness import binaries, cli, tasks
 from harness.processes import Process, ProcessError, free_port, port_listening
 from harness.sigusr2 import StatsError, read_stats, read_stats_when_idle
+from tests.helpers import wait_until
 
 
 # -- binaries -----------------------------------------------------------------
@@ -89,12 +90,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_gone(pid: int, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return wait_until(lambda: not alive(pid), timeout, interval=0.01)
 
 
 def test_process_stops_its_whole_group(tmp_path: Path) -> None:

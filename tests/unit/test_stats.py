@@ -136,3 +136,42 @@ def test_restore_adds_history_but_not_gauges():
 
 def test_new_block_is_zero():
     assert not any(new_block())
+
+
+def _reference_record(block, now: float, to_server: bool, nbytes: int, counts: Counts) -> None:
+    """What ``Stats.record`` must write, spelled out through the named API (no inlining)."""
+    from fooproxy.stats import _HEADER, COUNTERS
+    from fooproxy.timetable import TimeTable
+
+    cell = COUNTERS.index
+    block[cell("bytes_client_to_server" if to_server else "bytes_server_to_client")] += nbytes
+    for name, n in zip(("msg_req", "msg_ack", "msg_nak", "msg_invalid"), counts, strict=True):
+        block[cell(name)] += n
+    if counts.req or counts.ack or counts.nak:
+        TimeTable(block[_HEADER:]).restore([(0, counts.req, counts.ack + counts.nak)], now)
+
+
+def test_record_writes_the_cells_a_reference_writer_would():
+    """The inlined bucket write in ``record`` cannot drift from the table's layout or COUNTERS' order."""
+    import random
+
+    rng = random.Random(15)
+    clock = FakeClock(5000.0)
+    stats = Stats(clock=clock)
+    expected = new_block()
+    for _ in range(5000):
+        # Same bucket, next bucket, a jump past the ring (stale buckets are reset), and wrap-around.
+        clock.t += rng.choice((0.0, 0.004, 0.01, 0.37, 3.3, 10.0, 25.0))
+        counts = Counts(*(rng.choice((0, 0, 1, 2, 7)) for _ in range(4)))
+        to_server, nbytes = rng.random() < 0.5, rng.randrange(1, 70000)
+        assert stats.record(to_server, nbytes, counts) is None  # metrics record, they answer nothing
+        _reference_record(expected, clock.t, to_server, nbytes, counts)
+        assert stats.block.tobytes() == expected.tobytes()
+
+
+def test_merge_buckets_sums_equal_ages_and_drops_what_left_the_ring():
+    from fooproxy.timetable import SLOTS, merge_buckets, window_sums
+
+    merged = merge_buckets([(3, 1, 2), (150, 4, 0)], [(3, 10, 20), (SLOTS, 99, 99)], [])
+    assert merged == [(3, 11, 22), (150, 4, 0)]
+    assert window_sums(merged) == (11, 15, 22, 22)  # age 150 (1.5 s) is in the 10 s window only

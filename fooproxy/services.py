@@ -1,0 +1,191 @@
+"""Services: what every kind of fooproxy process runs beside its own job.
+
+A single process and a worker run a Proxy, the master of ``-workers N`` runs
+the Supervisor; each of them composes one ``Services`` (it subclasses none of
+them): the recovery file (restore at start, the ``Saver``), the HTTP server
+(``/health``, ``/stats``, ``/metrics``), the upstream health checker, the
+SIGUSR2 stats printer, and the stop signals. ``Services`` also owns the
+process's lifecycle: ``start``/``run`` wait for a stop, ``shutdown`` drains
+the job, then stops the services in order. The job is two callables:
+``serve()`` binds and starts it (returns the address for the log line) and
+``drain()`` stops it within the grace period.
+
+A service the config turns off (a worker has no HTTP and no recovery file:
+its master serves those) is simply absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from fooproxy import recovery
+from fooproxy.config import Config
+from fooproxy.health import Health, UpstreamChecker
+from fooproxy.http import HttpServer, make_app
+from fooproxy.stats import Snapshot, Stats
+
+log = logging.getLogger("fooproxy")
+
+#: A signal handler as ``gevent.signal_handler`` calls it.
+Handler = Callable[..., None]
+
+
+class StatsPrinter:
+    """Writes one JSON line of stats to stdout per call, in order, off the hub.
+
+    The write runs in the threadpool: a reader that stops reading our stdout
+    pipe must not freeze the proxy. The lock keeps lines whole and in order.
+    """
+
+    def __init__(self, get_snapshot: Callable[[], Snapshot], stream=None) -> None:
+        self.get_snapshot = get_snapshot
+        self.stream = stream or sys.stdout
+        self.closed = False
+        self._lock = Semaphore()
+
+    def __call__(self, *_signal_args) -> None:
+        with self._lock:
+            line = json.dumps(self.get_snapshot().as_dict()) + "\n"
+            gevent.get_hub().threadpool.apply(self._write, (line,))
+
+    def _write(self, line: str) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.write(line)
+            self.stream.flush()
+        except (OSError, ValueError) as exc:
+            # The reader went away (`fooproxy | head -1`): keep proxying, say so once,
+            # and point stdout at /dev/null so the flush at exit cannot fail either.
+            self.closed = True
+            log.warning("stdout is closed (%s): SIGUSR2 stats are no longer printed; use /stats", exc)
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+
+
+def exit_now(message: str) -> None:
+    """Leave at once, without draining (a second stop signal)."""
+    log.warning("%s", message)
+    sys.stderr.flush()
+    os._exit(1)
+
+
+class Services:
+    """The shared services of one process and its start/stop sequence (see the module doc)."""
+
+    def __init__(self, config: Config, stats: Stats, snapshot: Callable[[], Snapshot] | None = None) -> None:
+        self.config = config
+        #: The block this process writes (restores go here).
+        self.stats = stats
+        #: What SIGUSR2, HTTP and recovery read (the master: every slot summed).
+        self.snapshot = snapshot or stats.snapshot
+        self.http: HttpServer | None = None
+        self.saver: recovery.Saver | None = None
+        self.checker: UpstreamChecker | None = None
+        self.print_stats = StatsPrinter(self.snapshot)
+        self.draining = False
+        self._stopped = Event()
+        self._signals: list = []
+
+    # -- lifecycle ----------------------------------------------------------
+    def start(self, serve: Callable[[], str], signals: dict[int, Handler]) -> str:
+        """Restore, bind HTTP, install ``signals``, ``serve()`` the job, start the timers.
+
+        Raises StartupError with a one-line reason. Binds happen before
+        anything is written, so a second instance that finds its ports busy
+        leaves the first one's recovery file alone. Returns what ``serve`` did.
+        """
+        cfg = self.config
+        if cfg.recovery_path:
+            saved = recovery.load(cfg.recovery_path, log)  # blocking, but only at start
+            if saved is not None:
+                self.stats.restore(saved)
+                log.info("restored stats from %s: %d messages", cfg.recovery_path, saved.as_dict()["msg_total"])
+            self.saver = recovery.Saver(cfg.recovery_path, self.snapshot, logger=log)
+        if cfg.http:
+            self.checker = UpstreamChecker(
+                cfg.forward, cfg.health_interval, timeout=min(cfg.connect_timeout, cfg.health_interval), logger=log
+            )
+            health = Health(self.checker, self.saver, is_draining=lambda: self.draining)
+            self.http = HttpServer(cfg.http, make_app(self.snapshot, health, get_extra=health.gauges), logger=log)
+            self.http.start()
+        # Installed before the job starts: SIGUSR2's default action kills.
+        self._signals = [gevent.signal_handler(signum, handler) for signum, handler in signals.items()]
+        where = serve()
+        if self.checker is not None:
+            self.checker.start()
+        if self.saver is not None:
+            self.saver.start()
+        return where
+
+    def wait(self, shutdown: Callable[[], None]) -> int:
+        """Block until a shutdown has finished; the exit status."""
+        try:
+            self._stopped.wait()
+        except KeyboardInterrupt:  # SIGINT can still arrive this way (gevent #298)
+            shutdown()
+            self._stopped.wait()
+        return 0
+
+    def shutdown(self, drain: Callable[[], None]) -> None:
+        """Stop HTTP accepting, ``drain()`` the job, stop the services, save. Idempotent."""
+        if self.draining:
+            return
+        self.draining = True
+        if self.http is not None:
+            self.http.drain()
+        drain()
+        if self.checker is not None:
+            self.checker.stop()
+        if self.http is not None:
+            self.http.stop(timeout=1)
+        if self.saver is not None:
+            self.saver.stop()
+            self.saver.save_now()
+        for handler in self._signals:
+            handler.cancel()
+        log.info("stopped")
+        self._stopped.set()
+
+    def announce(self, where: str) -> None:
+        """Log the readiness line (harnesses wait for "listening on")."""
+        cfg = self.config
+        log.info(
+            "fooproxy %s listening on %s, forwarding to %s, http %s, recovery %s (pid %d)",
+            _version(),
+            where,
+            cfg.forward,
+            self.http.address if self.http else "off",
+            cfg.recovery_path or "off",
+            os.getpid(),
+        )
+
+
+def stop_signals(request_stop: Handler, print_stats: Handler) -> dict[int, Handler]:
+    """The signals of a process that answers to the operator: TERM/INT stop, USR2 prints the stats."""
+    return {signal.SIGUSR2: print_stats, signal.SIGTERM: request_stop, signal.SIGINT: request_stop}
+
+
+def bound(sock) -> str:
+    """``host:port`` (``[v6]:port``) a socket is bound to, for log lines."""
+    host, port = sock.getsockname()[:2]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
+def _version() -> str:
+    from fooproxy import __version__
+
+    return __version__

@@ -1,0 +1,294 @@
+"""Supervisor: the master process of ``-workers N`` (N > 1); it serves no clients itself.
+
+It composes the shared ``Services`` (HTTP, recovery, SIGUSR2, stop signals,
+all over the summed slots) with the workers' ``SlotTable``: one slot per
+worker and one "base" slot that only the master writes (the stats restored
+from the recovery file). It probes once that no other process holds the
+listen port, then starts each worker by fork+exec (see ``worker.py``)::
+
+    python -m fooproxy <the master's own flags> --worker-id=N
+
+with the table's descriptor passed through (``pass_fds``). Exec, not a bare
+fork: the master runs a gevent hub (HTTP, timers, signal watchers), and a
+forked copy of it would carry all of that into the child. The master
+announces "listening on" only once every worker has stamped its first
+heartbeat.
+
+The master sums all slots (``Snapshot.from_blocks``) for SIGUSR2, HTTP and
+recovery: exact totals, and 1 s / 10 s rates that are the sums of the
+workers' rates (same system-wide monotonic clock, same buckets).
+
+Failures:
+
+* A worker that exits is logged and replaced in the same slot. The slot is
+  not zeroed: the replacement continues from its counts, so nothing it
+  forwarded is lost. Only the gauges of the dead process (open connections,
+  pool) and its heartbeat are reset, since those connections died with it.
+* A worker whose heartbeat is older than ``-heartbeat-timeout`` (hub stuck or
+  process stopped) gets SIGABRT, which its ``faulthandler`` turns into a
+  traceback on stderr (where it hung), as gunicorn does; if it is still
+  there ``ABORT_GRACE`` seconds later (a stopped process), SIGKILL. Either
+  way it is replaced.
+* Workers exit when the master dies (see ``worker.py``).
+
+Signals: SIGTERM or SIGINT to the master sends SIGTERM to every worker; the
+workers drain within ``-grace``, the master waits for them, saves the final
+recovery snapshot and exits 0. A second TERM/INT makes the master send
+SIGQUIT (exit at once) to the workers and exit 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import gevent
+import gevent.subprocess
+from gevent.event import Event
+
+from fooproxy.config import Config
+from fooproxy.listeners import StartupError, probe_free
+from fooproxy.services import Services, exit_now, stop_signals
+from fooproxy.stats import SlotTable, Snapshot, Stats
+from fooproxy.worker import HEARTBEAT_INTERVAL, MASTER_PID_ENV, SHM_FD_ENV, worker_preexec
+
+log = logging.getLogger("fooproxy.workers")
+
+START_TIMEOUT = 30.0  # a worker must be accepting this soon after it was started
+STOP_MARGIN = 5.0  # beyond -grace, how long the master waits for draining workers
+ABORT_GRACE = 3.0  # after SIGABRT to a stuck worker, how long before SIGKILL
+
+
+# -- master ---------------------------------------------------------------------------------
+class _Slot:
+    """One worker slot and the process currently serving it."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.popen: gevent.subprocess.Popen | None = None
+        self.started_ns = 0
+        self.ready = False
+        self.aborted_ns = 0  # when the master sent SIGABRT for a missed heartbeat (0: not)
+        self.killed = False  # by the master (SIGABRT, then maybe SIGKILL), for a missed heartbeat
+        self.quick_deaths = 0
+        self.greenlet: gevent.Greenlet | None = None
+
+
+class Supervisor:
+    """The master: Services over the summed slots, and start/replace/heartbeat/drain of the workers."""
+
+    def __init__(
+        self,
+        config: Config,
+        argv: list[str],
+        start_timeout: float = START_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.table = SlotTable.create(config.workers)
+        self.stats = Stats(block=self.table.base)
+        self.services = Services(config, self.stats, snapshot=self._summed)
+        #: The master's own flags, passed on to every worker.
+        self.argv = list(argv)
+        self.start_timeout = start_timeout
+        self.slots = [_Slot(i) for i in range(config.workers)]
+        self._stopping = Event()
+        self._starting = True
+        self._startup_error: str | None = None
+        self._monitor: gevent.Greenlet | None = None
+
+    def _summed(self) -> Snapshot:
+        return self.table.snapshot(self.stats.started)
+
+    def worker_pids(self) -> list[int]:
+        """PIDs of the workers running now."""
+        return [s.popen.pid for s in self.slots if s.popen is not None and s.popen.returncode is None]
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def run(self) -> int:
+        """Start the workers, serve HTTP/SIGUSR2 until a stop signal, stop them; the exit status."""
+        services = self.services
+        services.announce(services.start(self._serve, stop_signals(self.request_stop, services.print_stats)))
+        return services.wait(self.shutdown)
+
+    def _serve(self) -> str:
+        cfg = self.config
+        if cfg.listen.port == 0:
+            raise StartupError("-listen: with -workers, give a fixed port (each worker would get its own port 0)")
+        # The workers bind with SO_REUSEPORT, which would silently share the port
+        # with another fooproxy of the same user: refuse any holder once, here.
+        probe_free(cfg.listen)
+        for slot in self.slots:
+            self._spawn(slot)
+            slot.greenlet = gevent.spawn(self._supervise, slot)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._stop_workers(timeout=STOP_MARGIN)
+            raise
+        self._starting = False
+        self._monitor = gevent.spawn(self._watch_heartbeats)
+        return "%s (%d workers, pids %s)" % (cfg.listen, len(self.slots), " ".join(map(str, self.worker_pids())))
+
+    def shutdown(self) -> None:
+        """SIGTERM every worker; they drain within -grace. Then SIGKILL any left. Idempotent."""
+        self.services.shutdown(lambda: self._stop_workers(timeout=self.config.grace + STOP_MARGIN))
+
+    def request_stop(self, *_signal_args) -> None:
+        """First TERM/INT: stop the workers (they drain). Second: they and the master exit at once."""
+        if self.services.draining:
+            for slot in self.slots:
+                _kill(slot.popen, signal.SIGQUIT)
+            exit_now("second stop signal: exiting now")
+        gevent.spawn(self.shutdown)
+
+    # -- workers ------------------------------------------------------------------------
+    def _spawn(self, slot: _Slot) -> None:
+        # Only the master touches a slot between two workers, so this write races no one.
+        self.table.reset(slot.index)
+        env = dict(os.environ)
+        env[SHM_FD_ENV] = str(self.table.fd)
+        env[MASTER_PID_ENV] = str(os.getpid())
+        cmd = [sys.executable, "-m", "fooproxy", *self.argv, "--worker-id=%d" % slot.index]
+        slot.ready = slot.killed = False
+        slot.aborted_ns = 0
+        slot.started_ns = time.monotonic_ns()
+        slot.popen = gevent.subprocess.Popen(
+            cmd, stdin=gevent.subprocess.DEVNULL, env=env, pass_fds=[self.table.fd], preexec_fn=worker_preexec
+        )
+        log.debug("worker %d: started pid %d", slot.index, slot.popen.pid)
+
+    def _supervise(self, slot: _Slot) -> None:
+        """Wait for the slot's worker to exit; log and replace it, unless stopping."""
+        while True:
+            popen = slot.popen
+            if popen is None:  # the last fork failed
+                delay = 5.0
+            else:
+                rc = popen.wait()
+                lived = (time.monotonic_ns() - slot.started_ns) / 1e9
+                # Reaped: nothing writes the slot now. Its open connections died with it.
+                self.table.reset(slot.index)
+                if self._stopping.is_set():
+                    log.debug("worker %d (pid %d) %s", slot.index, popen.pid, _exit_text(rc))
+                    return
+                if self._starting:
+                    self._startup_error = "worker %d (pid %d) %s before it was ready" % (
+                        slot.index,
+                        popen.pid,
+                        _exit_text(rc),
+                    )
+                    return
+                log.error(
+                    "worker %d (pid %d) %s%s after %.1fs; replacing it (its %d messages stay counted)",
+                    slot.index,
+                    popen.pid,
+                    _exit_text(rc),
+                    " (no heartbeat)" if slot.killed else "",
+                    lived,
+                    self.table.messages(slot.index),
+                )
+                # A worker that dies at once (say, the port was taken from under
+                # us) must not turn into a fork loop: back off, up to 5 s.
+                slot.quick_deaths = slot.quick_deaths + 1 if lived < 1.0 else 0
+                delay = min(5.0, 0.1 * 2**slot.quick_deaths) if slot.quick_deaths else 0.0
+            if self._stopping.wait(delay):
+                return
+            try:
+                self._spawn(slot)
+            except OSError as exc:  # out of memory, process limit: try again later
+                log.error("worker %d: cannot start a replacement: %s", slot.index, exc)
+                slot.popen = None
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while not all(self._check_ready(slot) for slot in self.slots):
+            if self._startup_error is not None:
+                raise StartupError(self._startup_error)
+            if time.monotonic() > deadline:
+                raise StartupError("workers not accepting within %gs" % self.start_timeout)
+            gevent.sleep(0.01)
+
+    def _check_ready(self, slot: _Slot) -> bool:
+        if not slot.ready and slot.popen is not None and self.table.heartbeat_ns(slot.index):
+            slot.ready = True
+            if not self._starting:
+                log.info("worker %d (pid %d) ready", slot.index, slot.popen.pid)
+        return slot.ready
+
+    def _watch_heartbeats(self) -> None:
+        """Abort, then kill, a worker that stopped stamping its heartbeat, or never started to."""
+        while not self._stopping.wait(HEARTBEAT_INTERVAL):
+            now = time.monotonic_ns()
+            for slot in self.slots:
+                popen = slot.popen
+                if popen is None or popen.returncode is not None:
+                    continue
+                if slot.killed:
+                    # SIGABRT did not end it (a stopped process keeps the signal pending): SIGKILL.
+                    if slot.aborted_ns and (now - slot.aborted_ns) / 1e9 > ABORT_GRACE:
+                        log.error("worker %d (pid %d): still there after SIGABRT; killing it", slot.index, popen.pid)
+                        slot.aborted_ns = 0
+                        _kill(popen, signal.SIGKILL)
+                    continue
+                if self._check_ready(slot):
+                    silent = (now - self.table.heartbeat_ns(slot.index)) / 1e9
+                    if silent <= self.config.heartbeat_timeout:
+                        continue
+                    log.error(
+                        "worker %d (pid %d): no heartbeat for %.1fs; aborting it (SIGABRT: a traceback on stderr)",
+                        slot.index,
+                        popen.pid,
+                        silent,
+                    )
+                elif (now - slot.started_ns) / 1e9 > self.start_timeout:
+                    log.error("worker %d (pid %d): not accepting in time; aborting it", slot.index, popen.pid)
+                else:
+                    continue
+                slot.killed = True
+                slot.aborted_ns = now
+                _kill(popen, signal.SIGABRT)
+
+    def _stop_workers(self, timeout: float) -> None:
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.kill()
+        live = [s for s in self.slots if s.popen is not None and s.popen.returncode is None]
+        if live:
+            log.info("stopping %d worker(s)", len(live))
+        for slot in live:
+            _kill(slot.popen, signal.SIGTERM)
+        waiting = [s.greenlet for s in self.slots if s.greenlet is not None]
+        gevent.joinall(waiting, timeout=timeout)
+        late = [s for s in self.slots if s.popen is not None and s.popen.returncode is None]
+        for slot in late:
+            log.warning("worker %d (pid %d) still running after %gs: killing it", slot.index, slot.popen.pid, timeout)
+            _kill(slot.popen, signal.SIGKILL)
+        gevent.joinall(waiting, timeout=STOP_MARGIN)
+
+
+def _kill(popen: gevent.subprocess.Popen | None, sig: int) -> None:
+    if popen is None:
+        return
+    try:
+        popen.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _exit_text(rc: int | None) -> str:
+    if rc is None:
+        return "is running"
+    if rc < 0:
+        try:
+            return "was killed by %s" % signal.Signals(-rc).name
+        except ValueError:
+            return "was killed by signal %d" % -rc
+    return "exited with status %d" % rc
+
+
+def run_master(config: Config, argv: list[str]) -> int:
+    """Entry point of ``fooproxy -workers N`` with N > 1."""
+    return Supervisor(config, argv).run()
