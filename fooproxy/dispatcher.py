@@ -92,6 +92,7 @@ class Dispatcher:
         self.proxy: Proxy | None = None
         self.http: HttpServer | None = None
         self.saver: recovery.Saver | None = None
+        self.recovery_lock: recovery.RecoveryLock | None = None
         self.checker: UpstreamChecker | None = None
         self.draining = False
         self._stopped = Event()
@@ -117,6 +118,8 @@ class Dispatcher:
         """
         cfg = self.config
         if cfg.recovery_path:
+            # Before anything reads or moves the file: a second instance stops here (exit 1).
+            self.recovery_lock = recovery.lock(cfg.recovery_path, log)
             saved = recovery.load(cfg.recovery_path, log)  # blocking, but only at start
             if saved is not None:
                 self.stats.restore(saved)
@@ -200,6 +203,8 @@ class Dispatcher:
         if self.saver is not None:
             self.saver.stop()
             self.saver.save_now()
+        if self.recovery_lock is not None:
+            self.recovery_lock.release()
         for handler in self._signals:
             handler.cancel()
         log.info("stopped")
