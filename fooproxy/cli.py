@@ -29,6 +29,9 @@ Options:
   --forward ADDR             Forward to the Foo server at ADDR [default: :8001].
   --http ADDR                Serve /health, /stats and /metrics on ADDR; "off" disables
                              [default: 127.0.0.1:8088].
+  --http-allow CIDRS         Source networks the HTTP endpoint answers, comma-separated
+                             (10.0.0.0/8,::1); others get 403. "auto": loopback only
+                             when -http is on all interfaces; "all": anyone [default: auto].
   --recovery-path PATH       Save stats here every second and restore them at start; "off"
                              disables [default: .data/recovery.json].
   --workers N                Worker processes sharing the listen port; "auto" = one per

@@ -6,9 +6,14 @@ modules take a ``Config`` and never see argv or the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: What ``-http-allow auto`` means for an HTTP endpoint bound to all interfaces.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 class ConfigError(ValueError):
@@ -87,6 +92,28 @@ def optional(text: str) -> str | None:
     return None if text.strip().lower() in ("", "off", "none", "no", "0", "false") else text
 
 
+def parse_allow(text: str, http: Address | None) -> tuple[IPNetwork, ...] | None:
+    """``-http-allow``: networks (``10.0.0.0/8,::1``) allowed to use the HTTP endpoint; None = everyone.
+
+    ``auto`` (the default): loopback only when ``-http`` listens on all
+    interfaces (an empty host, ``0.0.0.0`` or ``::``), else everyone who can
+    reach the address given. ``all`` allows everyone.
+    """
+    word = text.strip().lower()
+    if word == "all":
+        return None
+    if word == "auto":
+        everywhere = http is not None and http.host in ("", "0.0.0.0", "::")
+        return LOOPBACK if everywhere else None
+    nets = []
+    for item in text.split(","):
+        try:
+            nets.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError("-http-allow: %r is not an address or CIDR network (e.g. 10.0.0.0/8)" % item) from None
+    return tuple(nets)
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Workers stamp a heartbeat every 0.5 s (workers.HEARTBEAT_INTERVAL): allow at least two.
 MIN_HEARTBEAT_TIMEOUT = 1.0
@@ -99,6 +126,8 @@ class Config:
     listen: Address = Address("", 8002)
     forward: Address = Address("", 8001)
     http: Address | None = Address("127.0.0.1", 8088)
+    #: Source networks the HTTP endpoint answers (403 for others); None = everyone.
+    http_allow: tuple[IPNetwork, ...] | None = None
     recovery_path: str | None = ".data/recovery.json"
     log_level: str = "info"
     grace: float = 10.0
@@ -119,6 +148,7 @@ class Config:
     def from_options(cls, opts: dict[str, Any]) -> Config:
         """Build from docopt's option dict (keys like ``--listen``)."""
         http = optional(opts["--http"])
+        http_address = parse_address(http, "-http", allow_port_zero=True) if http else None
         recovery = optional(opts["--recovery-path"])
         level = opts["--log-level"].lower()
         if level not in LOG_LEVELS:
@@ -135,7 +165,8 @@ class Config:
         return cls(
             listen=parse_address(opts["--listen"], "-listen", allow_port_zero=True),
             forward=parse_address(opts["--forward"], "-forward"),
-            http=parse_address(http, "-http", allow_port_zero=True) if http else None,
+            http=http_address,
+            http_allow=parse_allow(opts["--http-allow"], http_address),
             recovery_path=recovery,
             log_level=level,
             grace=positive_float(opts["--grace"], "-grace"),

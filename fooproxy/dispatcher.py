@@ -130,7 +130,8 @@ class Dispatcher:
         )
         health = Health(self.checker, self.saver, is_draining=lambda: self.draining)
         if cfg.http:
-            self.http = HttpServer(cfg.http, make_app(self.snapshot, health, get_extra=health.gauges), logger=log)
+            app = make_app(self.snapshot, health, get_extra=health.gauges)
+            self.http = HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
             self.http.start()
         self._install_signals()
         where = self.serve() if serve_proxy else "(no proxy)"
