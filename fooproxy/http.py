@@ -166,6 +166,7 @@ class _Handler(WSGIHandler):
     _requests = 0
     _head = b""
     _too_large = False
+    _head_started = False
 
     def __init__(self, sock: Any, address: Any, server: _Server) -> None:
         # A per-operation timeout still bounds a client that stops reading
@@ -188,9 +189,12 @@ class _Handler(WSGIHandler):
         self._requests += 1
         waiting.add(self)
         server.waiting_since[self] = None  # insertion order: the first key waited longest
+        self._head_started = False
         try:
             with gevent.Timeout(server.header_timeout, False):
                 return self._read_head()
+            if not self._head_started:
+                return ""  # an idle keep-alive connection, or one that never spoke: close quietly
             server.note(
                 "slow",
                 "HTTP: request head from %s not complete within %gs; closed"
@@ -204,6 +208,9 @@ class _Handler(WSGIHandler):
     def _read_head(self) -> str:
         """Read the request line and, for HTTP/1.x, the header lines up to the blank line."""
         self._head, self._too_large = b"", False
+        if not self.rfile.peek(1):  # waits for the first byte (or EOF)
+            return ""
+        self._head_started = True
         line = self.rfile.readline(MAX_REQUEST_LINE)
         if len(line) >= MAX_REQUEST_LINE or len(line.split()) != 3:
             return line.decode("latin-1")  # pywsgi answers 414, 400, or serves HTTP/0.9 (no headers)
