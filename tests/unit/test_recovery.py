@@ -270,7 +270,7 @@ def test_decode_raises_only_its_corrupt_error_on_any_bytes():
         stats = Stats()
         stats.restore(snap)
 
-    @settings(max_examples=400, deadline=None, database=None)
+    @settings(max_examples=250, deadline=None, database=None)
     @given(
         st.binary(max_size=200)
         | st.builds(lambda cut, extra: good[:cut] + extra, st.integers(0, len(good)), st.binary(max_size=8))
@@ -278,7 +278,7 @@ def test_decode_raises_only_its_corrupt_error_on_any_bytes():
     def any_bytes(data):
         check(data)
 
-    @settings(max_examples=400, deadline=None, database=None)
+    @settings(max_examples=250, deadline=None, database=None)
     @given(docs())
     def any_document(doc):
         check(json.dumps(doc).encode())
