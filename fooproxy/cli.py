@@ -30,32 +30,40 @@ Options:
   --forward ADDR             Forward to the Foo server at ADDR [default: {forward}].
   --http ADDR                Serve /health, /stats and /metrics on ADDR; "off" disables
                              [default: {http}].
+  --http-allow CIDRS         Source networks the HTTP endpoint answers, comma-separated
+                             (10.0.0.0/8,::1); others get 403. "auto": loopback only
+                             when -http is on all interfaces; "all": anyone [default: auto].
   --recovery-path PATH       Save stats here every second and restore them at start; "off"
                              disables [default: {recovery_path}].
-  --workers N                Worker processes sharing the listen port; "auto" = one per
-                             core [default: {workers}].
+  --workers N                Worker processes sharing the listen port, 1 to 4 per core;
+                             "auto" = one per core [default: {workers}].
   --heartbeat-timeout SECONDS
                              With workers: a worker whose heartbeat stops for this long
-                             (hub stuck, process stopped) is aborted and replaced
-                             [default: {heartbeat_timeout}].
+                             (hub stuck, process stopped) is aborted and replaced;
+                             1 to 3600 [default: {heartbeat_timeout}].
   --pool-size N              Keep up to N upstream connections and reuse clean ones;
-                             0 = one upstream connection per client [default: {pool_size}].
+                             0 = one upstream connection per client; 0 to 100000
+                             [default: {pool_size}].
   --pool-wait SECONDS        With a pool, how long a new client may wait for an upstream
-                             connection [default: {pool_wait}].
-  --pool-idle SECONDS        Close pooled connections idle this long [default: {pool_idle}].
-  --max-conns N              Clients served at once; more wait in the accept backlog
-                             [default: {max_conns}].
-  --connect-timeout SECONDS  Upstream connect timeout [default: {connect_timeout}].
+                             connection; 0 to 3600 [default: {pool_wait}].
+  --pool-idle SECONDS        Close pooled connections idle this long; 0.1 to 86400
+                             [default: {pool_idle}].
+  --max-conns N              Clients served at once; more wait in the accept backlog;
+                             1 to 1000000 [default: {max_conns}].
+  --connect-timeout SECONDS  Upstream connect timeout; 0.01 to 300 [default: {connect_timeout}].
   --idle-timeout SECONDS     Close a session with no bytes either way for this long;
-                             0 disables [default: {idle_timeout}].
+                             0 disables, else 0.1 to 86400 [default: {idle_timeout}].
   --linger SECONDS           After a client's EOF, wait this long at most for the answers
-                             it is owed before closing the upstream [default: {linger}].
-  --grace SECONDS            On SIGTERM/SIGINT, let open sessions finish for this long
-                             [default: {grace}].
+                             it is owed before closing the upstream; 0 to 3600 [default: {linger}].
+  --grace SECONDS            On SIGTERM/SIGINT, let open sessions finish for this long;
+                             0 to 3600 [default: {grace}].
   --health-interval SECONDS  How often /health checks that the upstream accepts
-                             connections [default: {health_interval}].
+                             connections; 0.1 to 3600 [default: {health_interval}].
   --log-level LEVEL          debug, info, warning or error [default: {log_level}].
   --worker-id N              (internal) run as worker N of a master process.
+
+A value outside its range exits 2 naming the flag; so does a -forward address
+that is the proxy's own -listen address.
 
 Signals: SIGUSR2 prints the stats as one JSON line on stdout; SIGTERM/SIGINT
 drain and exit (a second one exits at once).
@@ -106,7 +114,29 @@ def _flag_named(message: str, argv: list[str]) -> str:
             name = arg.split("=", 1)[0]
             if not re.search(r"^  (-h )?%s[ =]" % re.escape("--" + name.lstrip("-")), USAGE, re.M):
                 return "unknown flag %s" % name
-    return message.strip().splitlines()[0] if message.strip() else "bad usage"
+    stray = _stray(normalise(argv))
+    if stray is not None:
+        return "unexpected argument %r (flags take the form -flag value)" % stray
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    if not first or "Option(" in first or "Argument(" in first:
+        return "bad usage"  # never show docopt's internals
+    return first
+
+
+def _lone_tokens(args: list[str]) -> list[str]:
+    """The tokens of ``args`` that are not the value of a flag."""
+    out = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        out.append(token)
+        i += 2 if token in _VALUED else 1  # "--flag value"; "--flag=value" is one token
+    return out
+
+
+def _stray(args: list[str]) -> str | None:
+    """The first token that is neither a flag nor a flag's value (``fooproxy extra``)."""
+    return next((t for t in _lone_tokens(args) if not t.startswith("-")), None)
 
 
 def parse(argv: list[str]) -> Config:
@@ -115,6 +145,14 @@ def parse(argv: list[str]) -> Config:
     ``-h`` and ``--version`` print and exit 0.
     """
     args = normalise(argv)
+    # Help and version win wherever they appear (docopt takes them only alone).
+    lone = _lone_tokens(args)
+    if "-h" in lone or "--help" in lone:
+        sys.stdout.write(USAGE)
+        raise SystemExit(0)
+    if "--version" in lone:
+        print("fooproxy %s" % __version__)
+        raise SystemExit(0)
     try:
         opts = docopt(USAGE, argv=args, default_help=False, version=None)
     except DocoptExit as exc:

@@ -6,9 +6,15 @@ modules take a ``Config`` and never see argv or the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 from dataclasses import dataclass, fields
 from typing import Any
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+#: What ``-http-allow auto`` means for an HTTP endpoint bound to all interfaces.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 class ConfigError(ValueError):
@@ -84,9 +90,151 @@ def positive_int(text: str, flag: str, allow_zero: bool = False) -> int:
     return value
 
 
+def in_range(value: float, flag: str, low: float, high: float, zero_ok: bool = False) -> float:
+    """``value`` if ``low <= value <= high`` (or 0 with ``zero_ok``), else ``ConfigError`` naming the flag.
+
+    The ranges (``RANGES``) are stated in the usage text; a value outside one
+    is a mistake (``-workers 1000`` forks away the machine, ``-health-interval
+    0.0001`` dials the upstream 790 times a second, a huge timeout overflows
+    the event loop's timers), never a setting.
+    """
+    if (zero_ok and value == 0) or low <= value <= high:
+        return value
+    raise ConfigError(
+        "%s: expected %s%s to %s, got %s" % (flag, "0 or " if zero_ok else "", _num(low), _num(high), _num(value))
+    )
+
+
+def _num(x: float) -> str:
+    # 1000000, not 1e+06: the number as the usage text writes it.
+    return "%d" % x if float(x).is_integer() and abs(x) < 1e15 else "%g" % x
+
+
+def max_workers() -> int:
+    """The most ``-workers`` accepted here: 4 per usable core, at least 4.
+
+    Each worker is a whole process (tens of MB) and the proxy is CPU-bound, so
+    workers beyond the cores only add context switches (on 2 cores a second
+    worker already costs throughput, see README); 4 per core leaves room for
+    experiments without letting a typo fork the machine away.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(4, 4 * cores)
+
+
+#: ``flag: (low, high, 0 also allowed)``; the usage text says the same.
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "-heartbeat-timeout": (1, 3600, False),
+    "-pool-size": (0, 100_000, False),
+    "-pool-wait": (0, 3600, False),
+    "-pool-idle": (0.1, 86400, False),
+    "-max-conns": (1, 1_000_000, False),
+    "-connect-timeout": (0.01, 300, False),
+    "-idle-timeout": (0.1, 86400, True),
+    "-linger": (0, 3600, False),
+    "-grace": (0, 3600, False),
+    "-health-interval": (0.1, 3600, False),
+}
+
+
+def _ranged(value: float, flag: str) -> Any:
+    low, high, zero_ok = RANGES[flag]
+    return in_range(value, flag, low, high, zero_ok)
+
+
+def refuse_self_forward(listen: Address, forward: Address) -> None:
+    """``ConfigError`` if ``forward`` is this proxy's own ``listen`` address.
+
+    Forwarding to itself turns one client into a connection loop. Same port,
+    and the forward host is an address the listener accepts on: the same IP,
+    or any address of this host when listening on all interfaces (``:P``,
+    ``0.0.0.0:P``, ``[::]:P``); ``:P``, ``0.0.0.0`` and ``::`` as a forward
+    host mean this host. Cheap: nothing is resolved unless the ports are
+    equal, numeric hosts are not resolved, and "is this IP mine" is a local
+    bind, not a packet. A name that does not resolve is left to the connector.
+    """
+    if listen.port != forward.port:
+        return
+    targets = _ips(forward.host or "127.0.0.1")
+    if listen.host in ("", "0.0.0.0", "::"):
+        every = listen.host == "" or listen.host == "::"  # an empty host is dual-stack, as is [::] on Linux
+        hit = any((every or ip.version == 4) and _is_local(ip) for ip in targets)
+    else:
+        hit = bool(targets & _ips(listen.host))
+    if hit:
+        raise ConfigError(
+            "-forward: %s is this proxy's own -listen address %s (it would forward to itself)" % (forward, listen)
+        )
+
+
+def _ips(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    out = set()
+    try:
+        infos = [(None, None, None, None, (host,))] if _numeric(host) else socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return out
+    for *_, sockaddr in infos:
+        try:
+            ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        except ValueError:
+            continue
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_unspecified:  # connecting to 0.0.0.0 / :: reaches this host
+            ip = ipaddress.ip_address("127.0.0.1" if ip.version == 4 else "::1")
+        out.add(ip)
+    return out
+
+
+def _numeric(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    # Binding succeeds only for an address this host has (any 127.x, ::1, its interfaces).
+    if ip.is_loopback:
+        return True
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
+
+
 def optional(text: str) -> str | None:
     """``off`` / ``none`` / empty disable an optional feature."""
     return None if text.strip().lower() in ("", "off", "none", "no", "0", "false") else text
+
+
+def parse_allow(text: str, http: Address | None) -> tuple[IPNetwork, ...] | None:
+    """``-http-allow``: networks (``10.0.0.0/8,::1``) allowed to use the HTTP endpoint; None = everyone.
+
+    ``auto`` (the default): loopback only when ``-http`` listens on all
+    interfaces (an empty host, ``0.0.0.0`` or ``::``), else everyone who can
+    reach the address given. ``all`` allows everyone.
+    """
+    word = text.strip().lower()
+    if word == "all":
+        return None
+    if word == "auto":
+        everywhere = http is not None and http.host in ("", "0.0.0.0", "::")
+        return LOOPBACK if everywhere else None
+    nets = []
+    for item in text.split(","):
+        try:
+            nets.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ConfigError("-http-allow: %r is not an address or CIDR network (e.g. 10.0.0.0/8)" % item) from None
+    return tuple(nets)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -101,6 +249,8 @@ class Config:
     listen: Address = Address("", 8002)
     forward: Address = Address("", 8001)
     http: Address | None = Address("127.0.0.1", 8088)
+    #: Source networks the HTTP endpoint answers (403 for others); None = everyone.
+    http_allow: tuple[IPNetwork, ...] | None = None
     recovery_path: str | None = ".data/recovery.json"
     log_level: str = "info"
     grace: float = 10.0
@@ -121,6 +271,7 @@ class Config:
     def from_options(cls, opts: dict[str, Any]) -> Config:
         """Build from docopt's option dict (keys like ``--listen``)."""
         http = optional(opts["--http"])
+        http_address = parse_address(http, "-http", allow_port_zero=True) if http else None
         recovery = optional(opts["--recovery-path"])
         level = opts["--log-level"].lower()
         if level not in LOG_LEVELS:
@@ -130,28 +281,40 @@ class Config:
             workers = os.cpu_count() or 1
         else:
             workers = positive_int(workers_s, "-workers")
+            if workers > max_workers():
+                raise ConfigError(
+                    "-workers: at most %d on this machine (4 per core), got %s" % (max_workers(), workers_s.strip())
+                )
         worker_id = opts.get("--worker-id")
         heartbeat = positive_float(opts["--heartbeat-timeout"], "-heartbeat-timeout")
         if heartbeat < MIN_HEARTBEAT_TIMEOUT:
             raise ConfigError("-heartbeat-timeout: at least %g seconds, got %r" % (MIN_HEARTBEAT_TIMEOUT, heartbeat))
+        listen = parse_address(opts["--listen"], "-listen", allow_port_zero=True)
+        forward = parse_address(opts["--forward"], "-forward")
+        refuse_self_forward(listen, forward)
         return cls(
-            listen=parse_address(opts["--listen"], "-listen", allow_port_zero=True),
-            forward=parse_address(opts["--forward"], "-forward"),
-            http=parse_address(http, "-http", allow_port_zero=True) if http else None,
+            listen=listen,
+            forward=forward,
+            http=http_address,
+            http_allow=parse_allow(opts["--http-allow"], http_address),
             recovery_path=recovery,
             log_level=level,
-            grace=positive_float(opts["--grace"], "-grace", allow_zero=True),
-            linger=positive_float(opts["--linger"], "-linger", allow_zero=True),
-            connect_timeout=positive_float(opts["--connect-timeout"], "-connect-timeout"),
-            idle_timeout=positive_float(opts["--idle-timeout"], "-idle-timeout", allow_zero=True),
-            max_conns=positive_int(opts["--max-conns"], "-max-conns"),
-            pool_size=positive_int(opts["--pool-size"], "-pool-size", allow_zero=True),
-            pool_wait=positive_float(opts["--pool-wait"], "-pool-wait", allow_zero=True),
-            pool_idle=positive_float(opts["--pool-idle"], "-pool-idle"),
-            health_interval=positive_float(opts["--health-interval"], "-health-interval"),
+            grace=_ranged(positive_float(opts["--grace"], "-grace", allow_zero=True), "-grace"),
+            linger=_ranged(positive_float(opts["--linger"], "-linger", allow_zero=True), "-linger"),
+            connect_timeout=_ranged(positive_float(opts["--connect-timeout"], "-connect-timeout"), "-connect-timeout"),
+            idle_timeout=_ranged(
+                positive_float(opts["--idle-timeout"], "-idle-timeout", allow_zero=True), "-idle-timeout"
+            ),
+            max_conns=_ranged(positive_int(opts["--max-conns"], "-max-conns"), "-max-conns"),
+            pool_size=_ranged(positive_int(opts["--pool-size"], "-pool-size", allow_zero=True), "-pool-size"),
+            pool_wait=_ranged(positive_float(opts["--pool-wait"], "-pool-wait", allow_zero=True), "-pool-wait"),
+            pool_idle=_ranged(positive_float(opts["--pool-idle"], "-pool-idle"), "-pool-idle"),
+            health_interval=_ranged(positive_float(opts["--health-interval"], "-health-interval"), "-health-interval"),
             workers=workers,
-            heartbeat_timeout=heartbeat,
-            worker_id=positive_int(worker_id, "--worker-id", allow_zero=True) if worker_id else None,
+            heartbeat_timeout=_ranged(heartbeat, "-heartbeat-timeout"),
+            worker_id=in_range(positive_int(worker_id, "--worker-id", allow_zero=True), "--worker-id", 0, max_workers())
+            if worker_id
+            else None,
         )
 
 

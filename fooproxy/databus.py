@@ -35,6 +35,7 @@ import logging
 import socket as _stdsocket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 from gevent.socket import socket
@@ -184,7 +185,7 @@ class DataBus:
 
     __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
                  "client_eof", "upstream_eof", "ending", "last_active", "_moved", "_timers",
-                 "_on_end")  # fmt: skip
+                 "_on_end", "_idle_due")  # fmt: skip
 
     def __init__(
         self,
@@ -211,6 +212,7 @@ class DataBus:
         self._moved = 0
         self._timers: list = []
         self._on_end: Callable[[DataBus], None] | None = None
+        self._idle_due: Any = None  # the one-shot timer of an idle end due before the next tick
 
     # -- state ----------------------------------------------------------------
     c2s = property(lambda self: self.c2s_flow.counter, doc="The client->server line counter.")
@@ -248,7 +250,10 @@ class DataBus:
         self._on_end = on_end
         if self.idle_timeout:
             # One repeating timer watching the byte counters, rather than a
-            # timeout armed per wait; ends the session within 1.25 x idle_timeout.
+            # timeout armed per wait (no cost per chunk). The last byte is
+            # noticed at most one period (idle_timeout / 4) late, and the end
+            # is checked exactly when due (see _check_idle), so the session
+            # ends between 1 and 1.25 x idle_timeout after its last byte.
             period = max(self.idle_timeout / 4, 0.01)
             self._timer(period, self._check_idle, repeat=period)
         self.c2s_flow.start()
@@ -302,13 +307,29 @@ class DataBus:
         self.abort("error: internal")
 
     def _check_idle(self) -> None:
-        """Timer callback: end the session once no byte moved either way for ``idle_timeout`` s."""
+        """Timer callback: end the session once no byte moved either way for ``idle_timeout`` s.
+
+        When the end falls before the next periodic tick, a one-shot timer
+        checks again exactly then. Without it, a tick that fires a hair early
+        (libev measures from its cached loop time) finds the session just
+        short of idle, and the end slips a whole period: 1.5 x idle_timeout.
+        """
         moved = self.c2s_flow.nbytes + self.s2c_flow.nbytes
         now = time.monotonic()
         if moved != self._moved:
             self._moved, self.last_active = moved, now
-        elif now - self.last_active >= self.idle_timeout:
+            return
+        left = self.idle_timeout - (now - self.last_active)
+        if left <= 0:
             self.abort(IDLE)
+        elif left < self.idle_timeout / 4 and self._idle_due is None:
+            timer = self._idle_due = gevent.get_hub().loop.timer(left)
+            timer.start(self._guarded, self._idle_check_due)
+
+    def _idle_check_due(self) -> None:
+        self._idle_due.close()
+        self._idle_due = None
+        self._check_idle()  # re-arms itself if the loop's clock ran a little ahead of ours
 
     # -- the end ----------------------------------------------------------------
     def _abort(self) -> None:
@@ -329,6 +350,9 @@ class DataBus:
         for timer in self._timers:
             timer.close()
         self._timers = []
+        if self._idle_due is not None:
+            self._idle_due.close()
+            self._idle_due = None
         try:
             on_end(self)
         except Exception:  # a bug in the owner must not leave the hub's callback loop broken

@@ -1,28 +1,54 @@
 """HTTP endpoint: /health (/status, /heartbeat), /stats and /metrics on gevent.pywsgi.
 
 ``make_app`` is a plain WSGI callable that dispatches on ``PATH_INFO``;
-``HttpServer`` runs it on a ``WSGIServer`` with its own small pool, so HTTP
-clients can never take slots from proxy sessions, and handles the shutdown
-details: ``Connection: close`` while draining, and idle keep-alive connections
-dropped at once instead of holding ``stop()`` until its timeout.
+``HttpServer`` runs it on a ``WSGIServer`` with its own connection limit, so
+HTTP clients can never take slots from proxy sessions, and handles the
+shutdown details: ``Connection: close`` while draining, and idle keep-alive
+connections dropped at once instead of holding ``stop()`` until its timeout.
+
+Hostile clients. ``/health`` is a liveness probe: if slow clients could hold
+every slot, the probe would fail and an orchestrator would restart a healthy
+proxy. So:
+
+- each request head (request line and headers) must arrive within
+  ``header_timeout`` seconds *in total*, counted from when the connection
+  starts waiting for it; a socket timeout alone restarts with every byte, so a
+  slowloris sending a byte every few seconds would hold its slot for ever;
+- a head is at most ``MAX_HEAD_BYTES`` (431 beyond, 414 for a request line
+  over gevent's ``MAX_REQUEST_LINE``);
+- at ``max_connections``, a new connection evicts the one that has waited
+  longest for its request head. A real probe sends its head in one segment
+  and is answered within milliseconds, so it is never the oldest waiter;
+  however many slow clients there are, a new request always gets a slot.
+  (A larger pool alone would only move the number an attacker needs.) Only
+  when no connection is waiting for a head (all are being answered) is the
+  new one closed at once;
+- bad requests are logged as one short line with the peer, rate-limited
+  (``RepeatFilter``), never with the raw bytes;
+- ``allow`` (``-http-allow``) lists the source networks that get answers;
+  anyone else gets 403.
 """
 
 from __future__ import annotations
 
+import io
+import ipaddress
 import json
 import logging
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from gevent.pool import Pool
-from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
+import gevent
+from gevent.pool import Group
+from gevent.pywsgi import MAX_REQUEST_LINE, LoggingLogAdapter, WSGIHandler, WSGIServer
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from fooproxy.config import Address
 from fooproxy.listeners import StartupError, bind
 from fooproxy.metrics import GetExtra, GetSnapshot, make_registry
+from fooproxy.proxy import RepeatFilter
 
 GetHealth = Callable[[], "tuple[bool, dict[str, Any]]"]
 StartResponse = Callable[..., Any]
@@ -30,6 +56,16 @@ WSGIApp = Callable[[dict, StartResponse], Iterable[bytes]]
 
 HEALTH_PATHS = frozenset({"/health", "/status", "/heartbeat"})
 _ALLOWED = "GET, HEAD"
+#: Request line plus headers. Probes and Prometheus send a few hundred bytes.
+MAX_HEAD_BYTES = 16384
+#: Seconds for a whole request head (and for an idle keep-alive connection's
+#: next one). A probe sends its head in one segment; 5 s covers retransmits
+#: on a lossy link.
+HEADER_TIMEOUT = 5.0
+#: Connections at once; beyond, the oldest still waiting for its head is evicted.
+MAX_CONNECTIONS = 256
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_FORBIDDEN = b"forbidden\n"
 _log = logging.getLogger("fooproxy.http")
 
 __all__ = ["HEALTH_PATHS", "HttpServer", "StartupError", "make_app"]
@@ -106,15 +142,35 @@ def make_app(
 
 
 # -- the server ------------------------------------------------------------------
+class _HeadTooLarge(ValueError):
+    """The request head is over MAX_HEAD_BYTES (answered 431)."""
+
+
+_TOO_LARGE_RESPONSE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 25\r\n\r\nrequest head is too large\n"
+)
+_BAD_RESPONSE = (
+    b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 12\r\n\r\nbad request\n"
+)
+
+
 class _Handler(WSGIHandler):
-    """Tracks connections waiting for a request line, so stop/drain can drop them."""
+    """One HTTP connection: request heads read against a total deadline and a size cap.
+
+    Also tracks connections waiting for a request line, so stop/drain can
+    drop them and a new connection can evict the longest waiter.
+    """
 
     _requests = 0
+    _head = b""
+    _too_large = False
+    _head_started = False
 
     def __init__(self, sock: Any, address: Any, server: _Server) -> None:
-        # An idle timeout frees the pool slot of a client that connects and
-        # says nothing or keeps an idle keep-alive connection: 32 such clients
-        # would otherwise stop all accepting.
+        # A per-operation timeout still bounds a client that stops reading
+        # our response; the head itself has a total deadline (read_requestline).
         sock.settimeout(server.idle_timeout)
         # pywsgi writes the headers and the body in two sends; with Nagle on,
         # the body of every keep-alive response after the first waits ~40 ms
@@ -132,24 +188,78 @@ class _Handler(WSGIHandler):
             return ""  # end a keep-alive connection between requests
         self._requests += 1
         waiting.add(self)
+        server.waiting_since[self] = None  # insertion order: the first key waited longest
+        self._head_started = False
         try:
-            return super().read_requestline()
+            with gevent.Timeout(server.header_timeout, False):
+                return self._read_head()
+            if not self._head_started:
+                return ""  # an idle keep-alive connection, or one that never spoke: close quietly
+            server.note(
+                "slow",
+                "HTTP: request head from %s not complete within %gs; closed"
+                % (_peer(self.client_address), server.header_timeout),
+            )
+            return ""
         finally:
             waiting.discard(self)
+            server.waiting_since.pop(self, None)
+
+    def _read_head(self) -> str:
+        """Read the request line and, for HTTP/1.x, the header lines up to the blank line."""
+        self._head, self._too_large = b"", False
+        if not self.rfile.peek(1):  # waits for the first byte (or EOF)
+            return ""
+        self._head_started = True
+        line = self.rfile.readline(MAX_REQUEST_LINE)
+        if len(line) >= MAX_REQUEST_LINE or len(line.split()) != 3:
+            return line.decode("latin-1")  # pywsgi answers 414, 400, or serves HTTP/0.9 (no headers)
+        parts = []
+        left = MAX_HEAD_BYTES - len(line)
+        while True:
+            header = self.rfile.readline(left + 1)
+            parts.append(header)
+            left -= len(header)
+            if left < 0:
+                self._too_large = True
+                break
+            if header in (b"\r\n", b"\n", b""):
+                break
+        self._head = b"".join(parts)
+        return line.decode("latin-1")
+
+    def read_request(self, raw_requestline: str) -> bool:
+        if self._too_large:
+            raise _HeadTooLarge("request head over %d bytes" % MAX_HEAD_BYTES)
+        # pywsgi parses the headers from self.rfile; hand it the head already
+        # read under the deadline (the body, if any, is still on the socket).
+        real, self.rfile = self.rfile, io.BufferedReader(io.BytesIO(self._head))
+        try:
+            return super().read_request(raw_requestline)
+        finally:
+            self.rfile = real
+
+    def _handle_client_error(self, ex: BaseException) -> tuple[str, bytes]:
+        # Replaces pywsgi's: it logs the raw request at ERROR (and prints a
+        # traceback for http.client's own errors, e.g. over 100 headers).
+        server: _Server = self.server
+        if isinstance(ex, _HeadTooLarge):
+            server.note(
+                "large",
+                "HTTP: request head over %d bytes from %s; answered 431" % (MAX_HEAD_BYTES, _peer(self.client_address)),
+            )
+            return "431", _TOO_LARGE_RESPONSE
+        server.note(
+            "bad", "HTTP: bad request from %s (%s); answered 400" % (_peer(self.client_address), ex.__class__.__name__)
+        )
+        return "400", _BAD_RESPONSE
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        # Everything pywsgi reports about a client: one short line, rate-limited.
+        self.server.note("error", "HTTP: client %s: %s" % (_peer(self.client_address), str(msg)[:60]))
 
 
-class _Server(WSGIServer):
-    handler_class = _Handler
-
-    def __init__(self, *args: Any, idle_timeout: float, **kwargs: Any) -> None:
-        self.idle_timeout = idle_timeout
-        self.draining = False
-        self.fresh_waiting: set[_Handler] = set()
-        self.keepalive_waiting: set[_Handler] = set()
-        super().__init__(*args, **kwargs)
-
-
-def _wake(handlers: set[_Handler]) -> None:
+def _wake(handlers: Iterable[_Handler]) -> None:
     # shutdown, not close: the handler's greenlet is blocked reading this
     # socket; shutdown wakes it with EOF and it closes the socket itself
     # (closing it here would give that greenlet EBADF, gevent #800).
@@ -162,6 +272,64 @@ def _wake(handlers: set[_Handler]) -> None:
                 pass
 
 
+def _peer(address: Any) -> str:
+    try:
+        host, port = address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return ("[%s]:%s" if ":" in str(host) else "%s:%s") % (host, port)
+
+
+class _Server(WSGIServer):
+    handler_class = _Handler
+
+    def __init__(
+        self,
+        *args: Any,
+        idle_timeout: float,
+        header_timeout: float,
+        max_connections: int,
+        repeats: RepeatFilter,
+        **kwargs: Any,
+    ) -> None:
+        self.idle_timeout = idle_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.repeats = repeats
+        self.draining = False
+        self.fresh_waiting: set[_Handler] = set()
+        self.keepalive_waiting: set[_Handler] = set()
+        #: Handlers waiting for a request head, oldest first (eviction order).
+        self.waiting_since: dict[_Handler, None] = {}
+        self.connections = Group()
+        self.evicted = 0
+        # A bare spawn function, not a Pool: a full Pool makes the server stop
+        # accepting, which is what let 32 slow clients lock /health out.
+        super().__init__(*args, spawn=self._admit, **kwargs)
+
+    def _admit(self, func: Callable[..., Any], *args: Any) -> None:
+        """Start a connection's greenlet; at the limit, evict the oldest head-waiter first."""
+        if len(self.connections) >= self.max_connections:
+            victim = next(iter(self.waiting_since), None)
+            if victim is None:  # every connection is being answered: turn this one away
+                sock = args[-1][0]
+                sock.close()
+                self.note("full", "HTTP: %d connections busy; turned one away" % self.max_connections)
+                return
+            del self.waiting_since[victim]
+            self.evicted += 1
+            _wake({victim})
+            self.note(
+                "evict",
+                "HTTP: at %d connections; closed the oldest one still sending its request" % self.max_connections,
+            )
+        self.connections.spawn(func, *args)
+
+    def note(self, key: str, message: str) -> None:
+        """A client misbehaved: one short line, at most every period per kind (``RepeatFilter``)."""
+        self.repeats.warn(key, message)
+
+
 class HttpServer:
     """The HTTP endpoint on ``address`` (port 0 picks a free port; see ``address`` after start)."""
 
@@ -171,8 +339,10 @@ class HttpServer:
         app: WSGIApp,
         logger: logging.Logger | None = None,
         access_log: bool = False,
-        pool_size: int = 32,
+        max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = 10.0,
+        header_timeout: float = HEADER_TIMEOUT,
+        allow: Sequence[IPNetwork] | None = None,
     ) -> None:
         self.requested = address
         #: The bound address once started (the real port when ``address.port`` is 0).
@@ -180,8 +350,12 @@ class HttpServer:
         self.log = logger or _log
         self._app = app
         self._access_log = access_log
-        self._pool_size = pool_size
+        self._max_connections = max_connections
         self._idle_timeout = idle_timeout
+        self._header_timeout = header_timeout
+        #: Source networks answered; None: everyone.
+        self.allow = None if allow is None else tuple(allow)
+        self.repeats = RepeatFilter(self.log)
         self._draining = False
         self._server: _Server | None = None
 
@@ -205,7 +379,27 @@ class HttpServer:
         """
         self.draining = True
 
+    def allowed(self, host: str) -> bool:
+        """Whether a client at ``host`` (an IP string) may use the endpoint."""
+        if self.allow is None:
+            return True
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:  # a v4 client on a dual-stack socket
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.allow)
+
     def _wrapped(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        peer = environ.get("REMOTE_ADDR", "")
+        if not self.allowed(peer):
+            self.repeats.warn("forbidden", "HTTP: %s is not in -http-allow; answered 403" % peer)
+            start_response(
+                "403 Forbidden",
+                [("Content-Type", "text/plain"), ("Content-Length", str(len(_FORBIDDEN))), ("Connection", "close")],
+            )
+            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [_FORBIDDEN]
         if not self._draining:
             return self._app(environ, start_response)
 
@@ -231,13 +425,15 @@ class HttpServer:
         server = _Server(
             listener,
             self._wrapped,
-            spawn=Pool(self._pool_size),
             log=LoggingLogAdapter(self.log, logging.DEBUG) if self._access_log else None,
             error_log=LoggingLogAdapter(self.log, logging.ERROR),
             # Setting SERVER_NAME skips the socket.getfqdn() pywsgi runs at
             # start: a DNS lookup that hangs on a machine without DNS.
             environ={"SERVER_NAME": "fooproxy"},
             idle_timeout=self._idle_timeout,
+            header_timeout=self._header_timeout,
+            max_connections=self._max_connections,
+            repeats=self.repeats,
         )
         server.draining = self._draining
         try:
@@ -263,10 +459,8 @@ class HttpServer:
         server.close()
         _wake(server.keepalive_waiting)
         _wake(server.fresh_waiting)
-        pool = server.pool
-        if pool is not None:
-            pool.join(timeout=timeout)
-            pool.kill(block=True, timeout=1)
+        server.connections.join(timeout=timeout)
+        server.connections.kill(block=True, timeout=1)
 
 
 def _url_host(address: Address) -> str:

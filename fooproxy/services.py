@@ -94,6 +94,7 @@ class Services:
         self.snapshot = snapshot or stats.snapshot
         self.http: HttpServer | None = None
         self.saver: recovery.Saver | None = None
+        self.recovery_lock: recovery.RecoveryLock | None = None
         self.checker: UpstreamChecker | None = None
         self.print_stats = StatsPrinter(self.snapshot)
         self.draining = False
@@ -110,6 +111,8 @@ class Services:
         """
         cfg = self.config
         if cfg.recovery_path:
+            # Before anything reads or moves the file: a second instance stops here (exit 1).
+            self.recovery_lock = recovery.lock(cfg.recovery_path, log)
             saved = recovery.load(cfg.recovery_path, log)  # blocking, but only at start
             if saved is not None:
                 self.stats.restore(saved)
@@ -120,7 +123,8 @@ class Services:
                 cfg.forward, cfg.health_interval, timeout=min(cfg.connect_timeout, cfg.health_interval), logger=log
             )
             health = Health(self.checker, self.saver, is_draining=lambda: self.draining)
-            self.http = HttpServer(cfg.http, make_app(self.snapshot, health, get_extra=health.gauges), logger=log)
+            app = make_app(self.snapshot, health, get_extra=health.gauges)
+            self.http = HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
             self.http.start()
         # Installed before the job starts: SIGUSR2's default action kills.
         self._signals = [gevent.signal_handler(signum, handler) for signum, handler in signals.items()]
@@ -155,6 +159,8 @@ class Services:
         if self.saver is not None:
             self.saver.stop()
             self.saver.save_now()
+        if self.recovery_lock is not None:
+            self.recovery_lock.release()
         for handler in self._signals:
             handler.cancel()
         log.info("stopped")

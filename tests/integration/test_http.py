@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 
 import gevent
 import pytest
@@ -289,5 +290,32 @@ def test_idle_timeout_frees_the_slot():
             assert sock.recv(1) == b""  # the server hung up on a client that said nothing
         finally:
             sock.close()
+    finally:
+        server.stop()
+
+
+def test_head_deadline_is_total_and_quiet_for_silent_connections(caplog):
+    app = make_app(Stats().snapshot, lambda: (True, {}))
+    server = HttpServer(Address("127.0.0.1", 0), app, header_timeout=0.3)
+    server.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="fooproxy.http"):
+            silent = socket.create_connection(("127.0.0.1", server.address.port), timeout=5)
+            slow = socket.create_connection(("127.0.0.1", server.address.port), timeout=5)
+            try:
+                slow.sendall(b"GET /health HTTP/1.1\r\n")
+                with gevent.Timeout(3):
+                    for _ in range(100):  # a byte every 0.05 s never lets a per-byte timeout fire
+                        try:
+                            slow.sendall(b"x")
+                        except OSError:
+                            break
+                        gevent.sleep(0.05)
+                    assert silent.recv(1) == b""
+            finally:
+                silent.close()
+                slow.close()
+        messages = [r.getMessage() for r in caplog.records]
+        assert len(messages) == 1 and "not complete within 0.3s" in messages[0], messages
     finally:
         server.stop()

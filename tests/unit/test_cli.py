@@ -93,6 +93,28 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(argv, flag, capsys):
     assert err.count("\n") == 1 and flag in err and "Traceback" not in err
 
 
+def test_http_allow_default_is_loopback_only_on_all_interfaces():
+    import ipaddress
+
+    from fooproxy.config import LOOPBACK
+
+    assert parse([]).http_allow is None  # 127.0.0.1:8088: local anyway
+    assert parse(["-http", ":8088"]).http_allow == LOOPBACK
+    assert parse(["-http", "0.0.0.0:8088"]).http_allow == LOOPBACK
+    assert parse(["-http", "10.1.2.3:8088"]).http_allow is None
+    assert parse(["-http", ":8088", "-http-allow", "all"]).http_allow is None
+    assert parse(["-http", ":8088", "-http-allow", "10.0.0.0/8, ::1"]).http_allow == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
+
+def test_forward_to_another_port_or_host_is_fine():
+    assert parse(["-listen", ":9002", "-forward", ":9001"]).forward.port == 9001
+    assert parse(["-listen", "127.0.0.1:9002", "-forward", "192.0.2.77:9002"]).forward.host == "192.0.2.77"
+    assert parse(["-listen", "127.0.0.2:9002", "-forward", "127.0.0.1:9002"]).listen.host == "127.0.0.2"
+
+
 def test_help_and_version(capsys):
     with pytest.raises(SystemExit) as exc:
         parse(["-h"])

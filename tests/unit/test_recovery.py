@@ -143,6 +143,20 @@ BAD_CONTENTS = {
     "bucket short": with_(buckets=[[0, 1]]),
     "bucket negative age": with_(buckets=[[-5, 1, 0]]),
     "bucket string": with_(buckets=[[0, "1", 0]]),
+    "total int64 max": with_(totals={"msg_req": (1 << 63) - 1}),
+    "total past MAX_COUNT": with_(totals={"msg_req": recovery.MAX_COUNT + 1}),
+    "bucket int64 max": with_(totals={"msg_req": 1}, buckets=[[0, (1 << 63) - 1, 0]]),
+    "bucket bool": with_(buckets=[[0, True, 0]]),
+    "bucket float": with_(buckets=[[0.0, 1, 0]]),
+    "bucket older than the window": with_(buckets=[[1000, 1, 0]]),
+    "bucket age twice": with_(totals={"msg_req": 2}, buckets=[[0, 1, 0], [0, 1, 0]]),
+    "more requests in buckets than msg_req": with_(totals={"msg_req": 1}, buckets=[[0, 2, 0]]),
+    "more responses in buckets than answers": with_(totals={"msg_req": 1, "msg_ack": 1}, buckets=[[0, 1, 2]]),
+    "saved_at negative": with_(saved_at=-1e308),
+    "saved_at zero": with_(saved_at=0),
+    "saved_at year 10000": with_(saved_at=2.6e11),
+    "bucket_s int": with_(bucket_s=0),
+    "huge number": b'{"format": "fooproxy-recovery", "version": 1, "saved_at": 1' + b"0" * 5000 + b"}",
     "deeply nested": b"[" * 100000 + b"]" * 100000,
 }
 
@@ -160,16 +174,128 @@ def test_corrupt_file_is_logged_and_set_aside(tmp_path, caplog, content):
     assert str(path) in record.getMessage() and "moved to" in record.getMessage()
 
 
-def test_directory_in_place_of_file_is_set_aside(tmp_path, caplog):
+def test_directory_in_place_of_file_is_left_alone(tmp_path, caplog):
     path = tmp_path / "recovery.json"
     path.mkdir()
     (path / "inside").write_text("x")
     with caplog.at_level(logging.WARNING, logger="fooproxy.recovery"):
         assert recovery.load(str(path)) is None
-    assert not path.exists()
-    [aside] = list(tmp_path.glob("recovery.json.corrupt-*"))
-    assert (aside / "inside").read_text() == "x"
+    assert (path / "inside").read_text() == "x"
+    assert not list(tmp_path.glob("recovery.json.corrupt-*"))
     assert "is a directory" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to a directory", "symlink to a file", "socket"])
+def test_anything_but_a_regular_file_is_left_alone(tmp_path, caplog, kind):
+    import socket
+
+    path = tmp_path / "recovery.json"
+    target = tmp_path / "target"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.close()
+    elif kind == "symlink to a directory":
+        target.mkdir()
+        path.symlink_to(target)
+    else:
+        target.write_bytes(b"{not json")
+        path.symlink_to(target)
+    before = os.lstat(path)
+    with caplog.at_level(logging.WARNING, logger="fooproxy.recovery"):
+        assert recovery.load(str(path)) is None
+    after = os.lstat(path)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert not list(tmp_path.glob("recovery.json.corrupt-*"))
+    assert "not a regular file" in caplog.text
+    saver = recovery.Saver(str(path), Stats().snapshot)
+    assert saver.save_now() is False and "not a regular file" in saver.last_error
+    assert os.lstat(path).st_ino == before.st_ino
+    if kind == "symlink to a file":
+        assert target.read_bytes() == b"{not json"
+
+
+def test_saver_start_reports_a_directory_at_once(tmp_path):
+    path = tmp_path / "recovery.json"
+    path.mkdir()
+    saver = recovery.Saver(str(path), Stats().snapshot, interval=3600)
+    saver.start()
+    try:
+        assert saver.healthy is False and "is a directory" in saver.last_error
+    finally:
+        saver.stop()
+
+
+def test_decode_raises_only_its_corrupt_error_on_any_bytes():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    good = json.dumps(valid_doc()).encode()
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(1 << 70), max_value=1 << 70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=5),
+    )
+    values = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
+
+    def docs():
+        return st.fixed_dictionaries(
+            {},
+            optional={
+                "format": st.sampled_from(["fooproxy-recovery"]) | values,
+                "version": st.sampled_from([1]) | values,
+                "saved_at": st.floats(min_value=-1e20, max_value=1e20) | values,
+                "bucket_s": st.sampled_from([0.01]) | values,
+                "totals": st.dictionaries(st.sampled_from(["msg_req", "msg_ack", "msg_nak", "x"]), values) | values,
+                "buckets": st.lists(st.lists(values, max_size=4), max_size=5) | values,
+            },
+        )
+
+    def check(data: bytes) -> None:
+        try:
+            snap = recovery.decode(data, now=5000.0)
+        except recovery.RecoveryFormatError:
+            return
+        # Whatever decodes is restorable: every count fits, the windows add up.
+        for value in snap.totals.values():
+            assert 0 <= value <= recovery.MAX_COUNT
+        stats = Stats()
+        stats.restore(snap)
+
+    @settings(max_examples=250, deadline=None, database=None)
+    @given(
+        st.binary(max_size=200)
+        | st.builds(lambda cut, extra: good[:cut] + extra, st.integers(0, len(good)), st.binary(max_size=8))
+    )
+    def any_bytes(data):
+        check(data)
+
+    @settings(max_examples=250, deadline=None, database=None)
+    @given(docs())
+    def any_document(doc):
+        check(json.dumps(doc).encode())
+
+    any_bytes()
+    any_document()
+
+
+def test_what_encode_writes_decodes_even_when_buckets_ran_ahead_of_totals():
+    # The -workers master reads totals before buckets while workers count:
+    # encode trims the excess from the rates so the file stays valid.
+    from fooproxy.stats import Snapshot
+
+    snap = Snapshot(totals={"msg_req": 3, "msg_ack": 1}, buckets=[(0, 2, 1), (5, 2, 1)])
+    back = recovery.decode(recovery.encode(snap, 5000.0), now=5000.0)
+    assert back.totals["msg_req"] == 3 and back.totals["msg_ack"] == 1
+    assert back.buckets == [(0, 1, 0), (5, 2, 1)]
 
 
 def test_unknown_counters_are_ignored_not_fatal(tmp_path):
@@ -216,6 +342,45 @@ def test_saver_refuses_to_replace_a_non_regular_file(tmp_path):
     assert saver.save_now() is False
     assert "not a regular file" in saver.last_error
     assert path.is_dir()
+
+
+def test_save_never_writes_through_a_planted_symlink(tmp_path):
+    # The old temp name was .<name>.<pid>.tmp, opened with O_TRUNC and no
+    # O_EXCL/O_NOFOLLOW: a symlink planted there had its target overwritten.
+    path = tmp_path / "recovery.json"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for name in (".recovery.json.%d.tmp" % os.getpid(), ".recovery.json.tmp"):
+        (tmp_path / name).symlink_to(victim)
+    assert recovery.Saver(str(path), Stats().snapshot).save_now()
+    assert victim.read_text() == "precious"
+    assert json.loads(path.read_text())["format"] == "fooproxy-recovery"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_second_lock_on_one_file_is_refused_and_names_the_holder(tmp_path):
+    path = str(tmp_path / "sub" / "recovery.json")
+    first = recovery.lock(path)
+    try:
+        assert first.held and first.problem is None
+        with pytest.raises(recovery.RecoveryInUse, match=r"in use by another fooproxy \(pid %d\)" % os.getpid()):
+            recovery.lock(path)
+    finally:
+        first.release()
+    again = recovery.lock(path)  # released: free again
+    assert again.held
+    again.release()
+
+
+def test_a_symlink_at_the_lock_path_is_not_followed(tmp_path, caplog):
+    path = tmp_path / "recovery.json"
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "recovery.json.lock").symlink_to(victim)
+    with caplog.at_level(logging.WARNING, logger="fooproxy.recovery"):
+        held = recovery.lock(str(path))
+    assert not held.held and "symbolic link" in held.problem
+    assert victim.read_text() == "precious"
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path):
