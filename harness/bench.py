@@ -38,6 +38,7 @@ from typing import Any
 
 from harness.binaries import REFERENCE, REFERENCE_SERVER, Peers, find_peers, fooproxy_command, python_peers
 from harness.loadgen import LoadGen, LoadResult, LoadSpec
+from harness.processes import ProcessError
 from harness.stats import read_stats
 from harness.tasks import Service, local_address, proxy_env, split_address
 
@@ -849,20 +850,47 @@ def git_revision() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 when every run was error-free with exact counts, else 1 (a missed target is no error)."""
+    """Run the benchmark; 0 when every run was error-free with exact counts, else 1 (a missed target is no error).
+
+    A server or proxy that does not start (a broken ``--haproxy``, a bad
+    ``--proxy-args``) ends the bench with one line saying which and why.
+    """
+    try:
+        return bench(argv)
+    except ProcessError as exc:
+        sys.stderr.write("foo-harness bench: %s\n" % start_failure(str(exc)))
+        return 1
+
+
+def start_failure(text: str) -> str:
+    """One line from a ``ProcessError``'s text: its first line, and the last line the process wrote, if any."""
+    lines = text.splitlines()
+    said = [line.strip() for line in lines[1:] if line.startswith("    ")]
+    return lines[0] + ("; it said: %s" % said[-1] if said else "; it wrote nothing") if lines else "a process failed"
+
+
+def bench(argv: list[str] | None) -> int:
+    """``main`` without the start-failure handling."""
     from harness.server import parse_cli
 
     opts = parse_cli(USAGE, ["bench", *(sys.argv[1:] if argv is None else argv)], "foo-harness bench")
-    try:
-        duration = float(opts["--duration"])
-        rounds = int(opts["--rounds"])
-        procs = int(opts["--procs"])
-        w7_rate = float(opts["--w7-rate"])
-        idle_conns = int(opts["--idle-conns"])
-        idle_seconds = float(opts["--idle-seconds"])
-    except ValueError as exc:
-        sys.stderr.write("foo-harness bench: bad number: %s\n" % exc)
-        return 2
+    numbers: dict[str, Any] = {}
+    for name, kind in (
+        ("--duration", float),
+        ("--rounds", int),
+        ("--procs", int),
+        ("--w7-rate", float),
+        ("--idle-conns", int),
+        ("--idle-seconds", float),
+    ):
+        try:
+            numbers[name] = kind(opts[name])
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            sys.stderr.write("foo-harness bench: %s: expected %s, got %r\n" % (name, what, opts[name]))
+            return 2
+    duration, rounds, procs = numbers["--duration"], numbers["--rounds"], numbers["--procs"]
+    w7_rate, idle_conns, idle_seconds = numbers["--w7-rate"], numbers["--idle-conns"], numbers["--idle-seconds"]
     if rounds < 1:
         sys.stderr.write("foo-harness bench: --rounds: expected a positive number, got %r\n" % opts["--rounds"])
         return 2

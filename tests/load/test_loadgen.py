@@ -164,3 +164,16 @@ def test_bench_rounds_interleave_and_summarise(tmp_path) -> None:
     row = doc["summary"]["W2"]
     assert row["rounds"] == 2 and (row["ratio_min"], row["ratio_max"]) == (min(ratios), max(ratios))
     assert all(r.get("drift") for r in doc["runs"] if r["leg"] == 3)
+
+
+@pytest.mark.slow
+def test_bench_with_a_haproxy_that_does_not_start_ends_in_one_line(tmp_path) -> None:
+    fake = tmp_path / "haproxy"
+    fake.write_text("#!/bin/sh\necho '[ALERT] fake haproxy refuses' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    cmd = [sys.executable, "-m", "harness.cli", "bench", "--duration", "0.3", "--only", "W2", "--haproxy", str(fake)]
+    proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()  # one line, no traceback
+    assert line.startswith("foo-harness bench: haproxy: exited before 127.0.0.1:")
+    assert line.endswith("accepted connections; it said: [ALERT] fake haproxy refuses")

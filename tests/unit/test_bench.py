@@ -17,6 +17,7 @@ from harness.bench import (
     haproxy_config,
     idle_verdicts,
     ratio,
+    start_failure,
     summarise,
     us_per_msg,
     verdict,
@@ -196,3 +197,21 @@ def test_haproxy_accepts_the_bench_config(tmp_path: Path) -> None:
     words = [line.split() for line in text.splitlines() if line.strip()]
     assert ["nbthread", "1"] in words and ["mode", "tcp"] in words
     assert not any(w[0] in ("log", "option") for w in words)  # no logging, no splice-auto, no http options
+
+
+def test_a_process_that_did_not_start_is_one_line_with_what_it_said() -> None:
+    text = (
+        "haproxy: exited before 127.0.0.1:1 accepted connections\n--- haproxy (pid 1, exit 1) haproxy -db\n"
+        "--- stdout: (empty)\n--- stderr: \n    [NOTICE] starting\n    [ALERT] parsing line 3\n"
+    )
+    assert start_failure(text) == (
+        "haproxy: exited before 127.0.0.1:1 accepted connections; it said: [ALERT] parsing line 3"
+    )
+    assert start_failure("x: exited\n--- stdout: (empty)\n--- stderr: (empty)") == "x: exited; it wrote nothing"
+
+
+def test_bad_numbers_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--rounds", "x"]) == 2
+    assert capsys.readouterr().err == "foo-harness bench: --rounds: expected a whole number, got 'x'\n"
+    assert bench.main(["--w7-rate", "0"]) == 2
+    assert "--w7-rate: expected a positive rate" in capsys.readouterr().err
