@@ -898,6 +898,13 @@ def bench(argv: list[str] | None) -> int:
         sys.stderr.write("foo-harness bench: --w7-rate: expected a positive rate, got %r\n" % opts["--w7-rate"])
         return 2
     only = {w.strip().upper() for w in opts["--only"].split(",") if w.strip()}
+    known = [w.key for w in LOADS] + ["W5", "W6"]
+    if not only or only - set(known):
+        sys.stderr.write(
+            "foo-harness bench: --only: unknown workload %s (known: %s)\n"
+            % (", ".join(sorted(only - set(known))) or "(none given)", ",".join(sorted(known)))
+        )
+        return 2
     peers = choose_peers(opts["--python"])
     if opts["--no-haproxy"]:
         haproxy, haproxy_note = None, "skipped (--no-haproxy)"

@@ -215,3 +215,5 @@ def test_bad_numbers_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
     assert capsys.readouterr().err == "foo-harness bench: --rounds: expected a whole number, got 'x'\n"
     assert bench.main(["--w7-rate", "0"]) == 2
     assert "--w7-rate: expected a positive rate" in capsys.readouterr().err
+    assert bench.main(["--only", "W2,W9"]) == 2
+    assert capsys.readouterr().err == ("foo-harness bench: --only: unknown workload W9 (known: W1,W2,W3,W4,W5,W6,W7)\n")
