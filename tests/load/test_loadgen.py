@@ -120,7 +120,8 @@ def test_bench_quick_run_beside_haproxy_writes_json(tmp_path) -> None:
         assert hap["errors"] == 0 and hap["cpu_s"]["haproxy"] > 0 and hap["proxy_us_per_msg"] > 0
         assert foo["errors"] == 0 and foo["proxy_us_per_msg"] > 0
         assert foo["proxy_counts"]["msg_req"] == foo["load"]["sent"]
-        assert foo["vs_haproxy"] == round(foo["msgs_per_s"] / hap["msgs_per_s"], 3)
+        if key == "W2":  # W7 is judged on latency: its msgs/s is the schedule's
+            assert foo["vs_haproxy"] == round(foo["msgs_per_s"] / hap["msgs_per_s"], 3)
         base = (direct1["msgs_per_s"] + direct2["msgs_per_s"]) / 2
         assert hap["ratio"] == round(hap["msgs_per_s"] / base, 3)
     w2 = doc["summary"]["W2"]
