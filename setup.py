@@ -26,8 +26,8 @@ setup(
     entry_points={
         "console_scripts": [
             "fooproxy = fooproxy.__main__:main",
-            "foo-server = harness.server:main",
-            "foo-client = harness.client:main",
+            "foo-server = harness.peers.server:main",
+            "foo-client = harness.peers.client:main",
             "foo-harness = harness.cli:main",
         ],
     },

@@ -84,8 +84,8 @@ def python_peers(note: str = "") -> Peers:
     """The bundled Python peers ``foo-server`` / ``foo-client``."""
     return Peers(
         PYTHON,
-        console_script("foo-server", "harness.server"),
-        console_script("foo-client", "harness.client"),
+        console_script("foo-server", "harness.peers.server"),
+        console_script("foo-client", "harness.peers.client"),
         note,
     )
 

@@ -24,8 +24,8 @@ Usage:
 Commands:
   e2e     Run the end-to-end tests (pytest tests/e2e); further arguments go to pytest.
   demo    Start a Foo server and fooproxy, run clients through it, print and check the stats.
-  swarm   Locust load through fooproxy (harness.swarm).
-  bench   Direct vs through-proxy benchmark table (harness.bench).
+  swarm   Locust load through fooproxy (harness.bench.swarm).
+  bench   Direct vs through-proxy benchmark table (harness.bench.bench).
 
 Options:
   -h --help  Show this help and exit.
@@ -95,8 +95,8 @@ def e2e(args: Sequence[str]) -> int:
 
 # -- swarm / bench ------------------------------------------------------------
 def delegate(command: str, args: Sequence[str]) -> int:
-    """Run ``harness.<command>.main(args)``; a clear message if that module is not there."""
-    module_name = "harness.%s" % command
+    """Run ``harness.bench.<command>.main(args)``; a clear message if that module is not there."""
+    module_name = "harness.bench.%s" % command
     try:
         module = __import__(module_name, fromlist=["main"])
     except ModuleNotFoundError as exc:

@@ -2,10 +2,11 @@
 
 ``Process`` starts a command in its own session (so its process group id is its
 PID), sends stdout and stderr to files in a temporary directory (never to a
-pipe nobody reads), waits until a TCP port accepts or a regex shows up in its
-output, and on ``stop()`` (always run by ``__exit__``) sends SIGTERM to that
-group, waits, and falls back to SIGKILL. ``tail()`` gives the captured output
-for assertion messages.
+pipe nobody reads), waits until a TCP port listens (seen in the kernel's
+socket table, no connection), accepts, or a regex shows up in its output,
+and on ``stop()`` (always run by ``__exit__``) sends SIGTERM to that group,
+waits, and falls back to SIGKILL. ``tail()`` gives the captured output for
+assertion messages.
 """
 
 from __future__ import annotations
@@ -64,12 +65,59 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0, alive=None) -> No
         time.sleep(POLL * 4)
 
 
+#: ``st`` of a socket in TCP LISTEN state in /proc/net/tcp and tcp6.
+_TCP_LISTEN = "0A"
+_TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+
+
+def port_listening(port: int) -> bool:
+    """True if a socket is in TCP LISTEN state on ``port`` (any address, IPv4 or IPv6).
+
+    Read from the kernel's socket tables, not by connecting: the listener sees
+    nothing, so a proxy counts no connection and a server logs none.
+    """
+    suffix = ":%04X" % port
+    found_table = False
+    for table in _TCP_TABLES:
+        try:
+            with open(table) as f:
+                found_table = True
+                next(f, None)  # header
+                for line in f:
+                    fields = line.split(None, 4)
+                    if len(fields) > 3 and fields[3] == _TCP_LISTEN and fields[1].endswith(suffix):
+                        return True
+        except FileNotFoundError:
+            continue
+    if not found_table:
+        raise ProcessError("no %s: telling a listening port without connecting needs Linux" % _TCP_TABLES[0])
+    return False
+
+
+def wait_for_listen(port: int, timeout: float = 10.0, alive=None) -> None:
+    """Poll the kernel's socket tables until ``port`` listens; ``ProcessError`` at the deadline.
+
+    ``alive`` (optional callable) is checked between polls: when it returns
+    False the wait ends at once with a ``ProcessError``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if alive is not None and not alive():
+            raise ProcessError("exited before port %d listened" % port)
+        if port_listening(port):
+            return
+        if time.monotonic() >= deadline:
+            raise ProcessError("port %d did not listen within %gs" % (port, timeout))
+        time.sleep(POLL * 2)
+
+
 class Process:
     """One child process in its own process group; a context manager.
 
-    ``ready_port`` (``(host, port)``) and/or ``ready_regex`` (searched in the
-    captured ``ready_stream``: ``"stderr"``, ``"stdout"`` or ``"any"``) decide
-    when ``start()`` returns. Output goes to ``stdout_path`` / ``stderr_path``
+    ``ready_listen`` (a port that must be in LISTEN state), ``ready_port``
+    (``(host, port)`` that must accept a connection) and/or ``ready_regex``
+    (searched in the captured ``ready_stream``: ``"stderr"``, ``"stdout"`` or
+    ``"any"``) decide when ``start()`` returns. Output goes to ``stdout_path`` / ``stderr_path``
     under ``log_dir`` (a new temporary directory unless given; a temporary one
     is removed by ``close()`` unless ``$FOO_HARNESS_KEEP_LOGS`` is set).
     """
@@ -81,6 +129,7 @@ class Process:
         name: str | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | os.PathLike | None = None,
+        ready_listen: int | None = None,
         ready_port: tuple[str, int] | None = None,
         ready_regex: str | None = None,
         ready_stream: str = "stderr",
@@ -91,6 +140,7 @@ class Process:
         self.name = name or Path(self.cmd[0]).name
         self.env = None if env is None else dict(env)
         self.cwd = cwd
+        self.ready_listen = ready_listen
         self.ready_port = ready_port
         self.ready_regex = re.compile(ready_regex) if ready_regex else None
         if ready_stream not in ("stderr", "stdout", "any"):
@@ -104,7 +154,7 @@ class Process:
         self.stdout_path = self.log_dir / (stem + ".out")
         self.stderr_path = self.log_dir / (stem + ".err")
         self.popen: subprocess.Popen | None = None
-        self.stdout_offset = 0  # harness.stats reads stdout lines from here on
+        self.stdout_offset = 0  # harness.sigusr2 reads stdout lines from here on
         self.ready_match: re.Match | None = None
 
     # -- lifecycle --------------------------------------------------------
@@ -130,7 +180,10 @@ class Process:
         return self
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait for ``ready_regex`` and/or ``ready_port``; ``ProcessError`` (with the output) if not in time."""
+        """Wait for ``ready_regex``, ``ready_listen`` and ``ready_port`` (those given).
+
+        ``ProcessError`` (with the output) if not in time.
+        """
         timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         try:
@@ -138,6 +191,8 @@ class Process:
                 self.ready_match = self.wait_for_output(
                     self.ready_regex, deadline - time.monotonic(), self.ready_stream
                 )
+            if self.ready_listen is not None:
+                wait_for_listen(self.ready_listen, timeout=max(0.0, deadline - time.monotonic()), alive=self.alive)
             if self.ready_port is not None:
                 wait_for_port(*self.ready_port, timeout=max(0.0, deadline - time.monotonic()), alive=self.alive)
         except ProcessError as exc:

@@ -8,7 +8,9 @@ Used by ``foo-harness demo``, the e2e fixtures and anyone scripting a scenario::
         assert not check_counts(stats, runs=20)
 
 Addresses are ``"host:port"`` strings; every process gets a free port on
-127.0.0.1 unless told otherwise.
+127.0.0.1 unless told otherwise. ``start_server`` and ``start_proxy`` are the
+harness's only start functions (the bench and the swarm use them too), with one
+readiness rule: the listen port is in LISTEN state (see ``start_proxy``).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from typing import Any
 
 from harness.binaries import Peers, find_peers, fooproxy_command
 from harness.processes import Process, free_port
-from harness.stats import read_stats
+from harness.sigusr2 import read_stats
 
 HOST = "127.0.0.1"
 REQUESTS_PER_RUN = 100  # the reference client's fixed run
+#: What fooproxy logs (at -log-level info) once it serves; with -workers N, once every worker does.
 PROXY_READY = r"listening on"
 
 
@@ -66,19 +69,25 @@ def start_server(
     peers: Peers | None = None,
     args: Sequence[str] = (),
     name: str = "server",
+    env: Mapping[str, str] | None = None,
     log_dir: str | os.PathLike | None = None,
     ready_timeout: float = 30.0,
 ) -> Service:
     """Start a Foo server (``peers.server``, default ``find_peers()``) on ``listen`` (default a free port).
 
-    Ready once its port accepts connections. Use as a context manager, or call
-    ``close()``.
+    ``args`` go after ``-listen``; ``env`` adds to (or overrides) our environment.
+    Ready by the rule of ``start_proxy``. Use as a context manager, or call ``close()``.
     """
     peers = peers or find_peers()
     listen = listen or local_address()
-    cmd = peers.server_cmd(listen, *args)
     service = Service(
-        cmd, listen, name=name, log_dir=log_dir, ready_port=split_address(listen), ready_timeout=ready_timeout
+        peers.server_cmd(listen, *args),
+        listen,
+        name=name,
+        env=None if env is None else {**os.environ, **env},
+        log_dir=log_dir,
+        ready_listen=split_address(listen)[1],
+        ready_timeout=ready_timeout,
     )
     return service.start()  # type: ignore[return-value]
 
@@ -91,35 +100,34 @@ def start_proxy(
     http: str = "off",
     recovery_path: str = "off",
     env: Mapping[str, str] | None = None,
+    command: Sequence[str] | None = None,
     name: str = "fooproxy",
     log_dir: str | os.PathLike | None = None,
     ready_timeout: float = 30.0,
 ) -> Service:
-    """Start the installed ``fooproxy`` from ``listen`` (default a free port) to ``forward``.
+    """Start the installed ``fooproxy`` (or ``command``, which gets its flags) from ``listen`` to ``forward``.
 
-    Ready once "listening on" appears on its stderr (no probe connection, so the
-    stats stay untouched). HTTP and recovery are off unless given.
+    ``listen`` defaults to a free port; HTTP and recovery are off unless given;
+    ``extra_args`` come last, so they override. ``env`` adds to ``proxy_env()``.
+
+    The one readiness rule of every server and proxy the harness starts: ready
+    once its listen port is in LISTEN state in the kernel's socket table. No
+    probe connection, so the proxy's stats and the server's log stay untouched,
+    and no log line, so it holds at any ``-log-level`` and for any program. A
+    fooproxy installs its signal handlers and HTTP endpoint before it binds, so
+    SIGUSR2 and HTTP work from then on. (With ``-workers N`` the port listens
+    once the first worker does; wait for "listening on" for all of them.)
     """
     listen = listen or local_address()
-    cmd = [
-        *fooproxy_command(),
-        "-listen",
-        listen,
-        "-forward",
-        forward,
-        "-http",
-        http,
-        "-recovery-path",
-        recovery_path,
-        *extra_args,
-    ]
+    cmd = [*(command or fooproxy_command()), "-listen", listen, "-forward", forward]
+    cmd += ["-http", http, "-recovery-path", recovery_path, *extra_args]
     service = Service(
         cmd,
         listen,
         name=name,
         env=proxy_env(env),
         log_dir=log_dir,
-        ready_regex=PROXY_READY,
+        ready_listen=split_address(listen)[1],
         ready_timeout=ready_timeout,
     )
     return service.start()  # type: ignore[return-value]
@@ -258,7 +266,7 @@ def run_clients_parallel(
 
 
 def signal_stats(proxy: Process, timeout: float = 5.0) -> dict[str, Any]:
-    """SIGUSR2 the proxy and return the stats JSON it prints (see ``harness.stats.read_stats``)."""
+    """SIGUSR2 the proxy and return the stats JSON it prints (see ``harness.sigusr2.read_stats``)."""
     return read_stats(proxy, timeout)
 
 

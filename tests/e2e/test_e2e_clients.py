@@ -98,7 +98,9 @@ def test_a_lying_server_makes_the_client_fail_through_the_proxy(procs, py_peers:
     proxy = procs.proxy(server.address)
     result = tasks.run_client(proxy.address, peers=peers, timeout=30)
     assert result.failed, result.describe()
-    assert "Errors:" in result.stdout, result.describe()
+    # As client-linux prints it: the verdict on stdout; "Errors:" and the reason, unindented, on stderr.
+    assert result.stdout == "FAILED!\n", result.describe()
+    assert result.stderr == "Errors:\nvalidating response: corrupted data\n", result.describe()
     assert proxy.alive(), proxy.tail()
     stats = tasks.signal_stats(proxy)
     # The client gives up at the first bad answer: one REQ, one (corrupted but well-formed) answer.

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from harness import tasks
 from harness.processes import free_port
-from harness.stats import read_stats
+from harness.sigusr2 import read_stats
 
 pytestmark = pytest.mark.e2e
 CHECK_TRACEBACKS = True

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from harness import tasks
-from harness.answer import ERRDECODE, answer
+from harness.peers.answer import ERRDECODE, answer
 from tests.e2e.helpers import connect, recv_lines, recv_until_eof
 
 pytestmark = pytest.mark.e2e

@@ -12,10 +12,10 @@ import time
 import pytest
 
 from harness import tasks
-from harness.answer import answer
 from harness.binaries import fooproxy_command
+from harness.peers.answer import answer
 from harness.processes import wait_for_port
-from harness.stats import next_line, parse_stats
+from harness.sigusr2 import next_line, parse_stats
 from tests.e2e.helpers import connect, recv_lines, recv_until_eof
 
 pytestmark = pytest.mark.e2e

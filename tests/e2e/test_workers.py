@@ -42,7 +42,10 @@ def server(procs, peers) -> tasks.Service:
 def start_proxy(procs, server: tasks.Service, *args: str, **kwargs) -> tasks.Service:
     """fooproxy ``-workers 2`` in front of ``server``, ready once the master says "listening on"."""
     kwargs.setdefault("ready_timeout", READY_TIMEOUT)
-    return procs.proxy(server.address, *WORKERS, *args, **kwargs)
+    proxy = procs.proxy(server.address, *WORKERS, *args, **kwargs)
+    # The port listens once the first worker does; the master's line means all of them.
+    proxy.wait_for_output(tasks.PROXY_READY, kwargs["ready_timeout"], "stderr")
+    return proxy
 
 
 # -- helpers -----------------------------------------------------------------------------------

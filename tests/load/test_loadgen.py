@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-from harness.bench import Fronts, choose_peers, describe_server, find_haproxy, start_proxy, start_server
-from harness.loadgen import LoadGen, LoadSpec
-from harness.stats import read_stats
-from harness.tasks import Service, local_address, split_address
+from harness.bench.bench import Fronts, choose_peers, describe_server, find_haproxy, proxy_options, server_args
+from harness.bench.loadgen import LoadGen, LoadSpec
+from harness.sigusr2 import read_stats
+from harness.tasks import start_proxy, start_server
 
 
 def _run(spec: LoadSpec):
@@ -30,7 +30,10 @@ def _run(spec: LoadSpec):
 
 def test_loadgen_through_the_proxy_counts_exactly() -> None:
     peers = choose_peers(python=True)
-    with start_server(peers, monitor=False) as server, start_proxy(server.address, monitor=False) as proxy:
+    with (
+        start_server(peers=peers, args=server_args(peers)) as server,
+        start_proxy(server.address, **proxy_options(monitor=False)) as proxy,
+    ):
         result = _run(LoadSpec(proxy.address, conns=4, window=16, size=32, duration=1.0))
         stats = read_stats(proxy)
     assert result.errors == 0, result.error_texts
@@ -43,7 +46,8 @@ def test_loadgen_through_the_proxy_counts_exactly() -> None:
 
 
 def test_loadgen_churn_opens_a_connection_every_k_requests() -> None:
-    with start_server(choose_peers(python=True), close_on_eof=True, monitor=False) as server:
+    peers = choose_peers(python=True)
+    with start_server(peers=peers, args=server_args(peers, close_on_eof=True)) as server:
         result = _run(LoadSpec(server.address, conns=2, window=1, duration=1.0, churn=5))
     assert result.errors == 0, result.error_texts
     assert result.conns_opened >= result.answered // 5 >= 20
@@ -51,10 +55,8 @@ def test_loadgen_churn_opens_a_connection_every_k_requests() -> None:
 
 def test_loadgen_reports_wrong_answers() -> None:
     peers = choose_peers(python=True)
-    address = local_address()
-    liar = Service(peers.server_cmd(address, "-quiet", "-lie"), address, name="liar", ready_port=split_address(address))
-    with liar:
-        result = _run(LoadSpec(address, conns=2, window=4, duration=0.5))
+    with start_server(peers=peers, args=["-quiet", "-lie"], name="liar") as liar:
+        result = _run(LoadSpec(liar.address, conns=2, window=4, duration=0.5))
     assert result.errors >= 2
     assert any("wrong answer" in text for text in result.error_texts), result.error_texts
 
@@ -64,7 +66,8 @@ needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason=NO_HAPROXY)
 
 
 def test_paced_load_keeps_its_schedule_instead_of_a_closed_loop() -> None:
-    with start_server(choose_peers(python=True), monitor=False) as server:
+    peers = choose_peers(python=True)
+    with start_server(peers=peers, args=server_args(peers)) as server:
         result = _run(LoadSpec(server.address, conns=4, window=1, duration=1.0, rate=50.0))
     assert result.errors == 0, result.error_texts
     # 4 connections x 50/s x 1 s; a closed loop on loopback would send thousands.
@@ -75,7 +78,8 @@ def test_paced_load_keeps_its_schedule_instead_of_a_closed_loop() -> None:
 
 def test_paced_load_counts_sends_it_could_not_make_on_time() -> None:
     # 20,000 requests/s on one lockstep connection is far beyond a Python server's pace.
-    with start_server(choose_peers(python=True), monitor=False) as server:
+    peers = choose_peers(python=True)
+    with start_server(peers=peers, args=server_args(peers)) as server:
         result = _run(LoadSpec(server.address, conns=1, window=1, duration=0.5, rate=20_000.0, procs=1))
     assert result.errors == 0, result.error_texts
     assert result.sent < 10_000 and result.late > 0
@@ -84,7 +88,8 @@ def test_paced_load_counts_sends_it_could_not_make_on_time() -> None:
 @needs_haproxy
 def test_haproxy_relays_foo_and_leaves_nothing_behind() -> None:
     assert HAPROXY is not None
-    with start_server(choose_peers(python=True), monitor=False) as server:
+    peers = choose_peers(python=True)
+    with start_server(peers=peers, args=server_args(peers)) as server:
         haproxy = Fronts(haproxy=HAPROXY).start("haproxy", server.address)
         try:
             result = _run(LoadSpec(haproxy.address, conns=4, window=8, duration=0.5))
@@ -176,5 +181,5 @@ def test_bench_with_a_haproxy_that_does_not_start_ends_in_one_line(tmp_path) -> 
     proc = subprocess.run(cmd + ["--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     (line,) = proc.stderr.splitlines()  # one line, no traceback
-    assert line.startswith("foo-harness bench: haproxy: exited before 127.0.0.1:")
-    assert line.endswith("accepted connections; it said: [ALERT] fake haproxy refuses")
+    assert line.startswith("foo-harness bench: haproxy: exited before port ")
+    assert line.endswith(" listened; it said: [ALERT] fake haproxy refuses")

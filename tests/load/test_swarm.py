@@ -1,7 +1,7 @@
 """A CI-sized locust swarm through fooproxy: zero failures, and the proxy's counts
 equal what locust counted, exactly.
 
-locust runs as a subprocess (``harness.swarm``); it is never imported here, since
+locust runs as a subprocess (``harness.bench.swarm``); it is never imported here, since
 importing it monkey-patches the test process.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 
-from harness.swarm import SwarmResult, check, report, swarm
+from harness.bench.swarm import SwarmResult, check, parse_json_stats, report, swarm
 
 
 @pytest.mark.slow
-def test_swarm_through_fooproxy_counts_exactly() -> None:
-    res = swarm(users=20, spawn_rate=20, duration=8, scenario="all", window=16, churn=10)
+def test_swarm_through_fooproxy_counts_exactly(tmp_path) -> None:
+    res = swarm(users=20, spawn_rate=20, duration=8, scenario="all", window=16, churn=10, keep_logs=tmp_path)
     detail = "%s\n%s\n%s" % (report(res), "\n".join(res.problems), res.locust_output[-2000:])
     assert res.ok, detail
     assert res.failures == 0 and res.other_failures == 0, detail
@@ -24,6 +24,13 @@ def test_swarm_through_fooproxy_counts_exactly() -> None:
     names = {e["name"] for e in res.entries if e["num_requests"]}
     assert {"lockstep REQ", "pipelined REQ", "churn REQ", "mixed REQ"} <= names, detail
     assert res.requests > 1000, detail
+    # --keep-logs keeps what it says: locust's two streams and each process's output.
+    assert parse_json_stats((tmp_path / "locust.out").read_text()) == res.entries
+    assert (tmp_path / "locust.err").exists()
+    (proxy_out,) = tmp_path.glob("fooproxy-*.out")
+    assert '"msg_req": %d' % res.requests in proxy_out.read_text()  # the SIGUSR2 line the check used
+    (server_err,) = tmp_path.glob("server-*.err")
+    assert "listening on" in server_err.read_text()
 
 
 def _entry(name: str, requests: int, failures: int = 0) -> dict:

@@ -1,4 +1,4 @@
-"""``harness.bench``'s figures on numbers: ratios, drift, vs HAProxy, added latency, targets; and finding haproxy."""
+"""``harness.bench.bench``'s figures on numbers: ratios, drift, vs HAProxy, added latency, targets; finding haproxy."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import bench
-from harness.bench import (
+from harness.bench import bench
+from harness.bench.bench import (
     added_us,
     annotate,
     find_haproxy,
@@ -83,6 +83,7 @@ def test_a_round_judges_both_proxies_against_the_mean_of_its_two_direct_runs() -
     assert foo["vs_haproxy"] == 0.833  # 50 / 60: fooproxy's ratio / HAProxy's, the baseline cancels
     assert d2["drift"] == 0.8 and "drift" not in d1
     assert "vs_haproxy" not in hap and "ratio" not in d1
+    assert foo["target"] == 1.00 and "target" not in hap  # W2's target is for fooproxy ÷ HAProxy
 
 
 def test_without_haproxy_there_is_no_vs_haproxy() -> None:
@@ -202,12 +203,10 @@ def test_haproxy_accepts_the_bench_config(tmp_path: Path) -> None:
 
 def test_a_process_that_did_not_start_is_one_line_with_what_it_said() -> None:
     text = (
-        "haproxy: exited before 127.0.0.1:1 accepted connections\n--- haproxy (pid 1, exit 1) haproxy -db\n"
+        "haproxy: exited before port 1 listened\n--- haproxy (pid 1, exit 1) haproxy -db\n"
         "--- stdout: (empty)\n--- stderr: \n    [NOTICE] starting\n    [ALERT] parsing line 3\n"
     )
-    assert start_failure(text) == (
-        "haproxy: exited before 127.0.0.1:1 accepted connections; it said: [ALERT] parsing line 3"
-    )
+    assert start_failure(text) == "haproxy: exited before port 1 listened; it said: [ALERT] parsing line 3"
     assert start_failure("x: exited\n--- stdout: (empty)\n--- stderr: (empty)") == "x: exited; it wrote nothing"
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from harness import binaries, cli, tasks
-from harness.processes import Process, ProcessError, free_port
-from harness.stats import StatsError, read_stats
+from harness.processes import Process, ProcessError, free_port, port_listening
+from harness.sigusr2 import StatsError, read_stats, read_stats_when_idle
 
 
 # -- binaries -----------------------------------------------------------------
@@ -53,15 +53,15 @@ def test_python_peers_when_a_binary_is_missing_or_not_executable(tmp_path: Path,
     peers = binaries.find_peers({"FOO_BIN_DIR": str(tmp_path)})
     assert peers.kind == "python"
     assert "client-linux" in peers.describe() and "Python peers" in peers.describe()
-    assert peers.server[-1].endswith("foo-server") or peers.server[-1] == "harness.server"
-    assert peers.client[-1].endswith("foo-client") or peers.client[-1] == "harness.client"
+    assert peers.server[-1].endswith("foo-server") or peers.server[-1] == "harness.peers.server"
+    assert peers.client[-1].endswith("foo-client") or peers.client[-1] == "harness.peers.client"
 
 
 def test_python_peers_fall_back_to_python_m(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     peers = binaries.python_peers()
-    assert peers.server == (str(tmp_path / "python"), "-m", "harness.server")
-    assert peers.client == (str(tmp_path / "python"), "-m", "harness.client")
+    assert peers.server == (str(tmp_path / "python"), "-m", "harness.peers.server")
+    assert peers.client == (str(tmp_path / "python"), "-m", "harness.peers.client")
     assert binaries.fooproxy_command() == (str(tmp_path / "python"), "-m", "fooproxy")
 
 
@@ -128,6 +128,41 @@ def test_readiness_by_port(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             pass
     assert not p.alive()
+
+
+def test_port_listening_reads_the_kernel_table_without_connecting() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        assert not port_listening(port)  # bound is not listening
+        sock.listen()
+        assert port_listening(port)
+        sock.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            sock.accept()  # nobody connected to find out
+    assert not port_listening(port)
+
+
+def test_readiness_by_listen_waits_for_the_listen_call(tmp_path: Path) -> None:
+    port = free_port()
+    code = "import socket,time; s=socket.socket(); s.bind(('127.0.0.1',%d)); time.sleep(0.5); s.listen()" % port
+    code += "\ns.settimeout(1)\ntry:\n s.accept(); print('accepted')\nexcept OSError:\n print('nobody')"
+    started = time.monotonic()
+    with Process([sys.executable, "-c", code], name="late", ready_listen=port, log_dir=tmp_path) as proc:
+        assert time.monotonic() - started >= 0.5  # bound early, listened late
+        assert proc.wait_for_output("accepted|nobody", timeout=10, stream="stdout").group(0) == "nobody"
+
+
+def test_start_proxy_and_server_are_ready_without_a_probe_and_at_any_log_level(tmp_path: Path) -> None:
+    """One readiness rule: no connection reaches the proxy's stats or the server's log, even at -log-level warning."""
+    peers = binaries.python_peers()
+    with tasks.start_server(peers=peers, log_dir=tmp_path) as server:
+        with tasks.start_proxy(server.address, extra_args=["-log-level", "warning"], log_dir=tmp_path) as proxy:
+            assert "listening on" not in proxy.stderr_text()  # the line the old rule waited for
+            stats = read_stats(proxy)
+            assert stats["connections_total"] == 0, stats
+            assert tasks.run_client(proxy.address, peers=peers).ok
+        assert server.stderr_text().count(": connected") == 1, server.stderr_text()
 
 
 def test_early_exit_raises_with_the_output(tmp_path: Path) -> None:
@@ -206,6 +241,13 @@ def test_read_stats_times_out_with_the_output(tmp_path: Path) -> None:
             read_stats(proc, timeout=0.3)
 
 
+def test_read_stats_when_idle_polls_until_no_session_is_open(tmp_path: Path) -> None:
+    fake = FAKE_PROXY.replace('"msg_nak": 0,', '"msg_nak": 0, "connections_active": max(0, 3 - n),')
+    with Process([sys.executable, "-c", fake], name="fakeproxy", ready_regex="listening on", log_dir=tmp_path) as proc:
+        stats = read_stats_when_idle(proc, timeout=10, interval=0.01)
+        assert (stats["connections_active"], stats["msg_req"]) == (0, 3)  # three reads: 2, 1, then 0 open
+
+
 # -- tasks -----------------------------------------------------------------------
 def test_check_counts() -> None:
     good = {"msg_req": 200, "msg_ack": 170, "msg_nak": 30, "msg_total": 400, "msg_invalid": 0}
@@ -251,9 +293,9 @@ def test_cli_help_and_errors(capsys: pytest.CaptureFixture) -> None:
 
 def test_cli_delegates_to_a_module_main(monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    fake = types.ModuleType("harness.swarm")
+    fake = types.ModuleType("harness.bench.swarm")
     fake.main = lambda argv: seen.append(argv) or 3  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "harness.swarm", fake)
+    monkeypatch.setitem(sys.modules, "harness.bench.swarm", fake)
     assert cli.main(["swarm", "-users", "5"]) == 3
     assert seen == [["-users", "5"]]
 

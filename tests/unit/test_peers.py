@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,10 +20,20 @@ except ModuleNotFoundError:  # an editable install made before harness/ existed
 
 from fooproxy.config import Address
 from fooproxy.protocol import MAX_LINE
-from harness import client, server
-from harness.answer import ERRDECODE, answer, answer_for, answer_hash, answer_type, check_answer, lie_about
-from harness.client import ALPHABET, BLOCK, Plan, _diagnose, request_data
-from harness.server import Answerer, format_peer, go_duration
+from harness.peers import client, flags, server
+from harness.peers.answer import ERRDECODE, answer, answer_for, answer_hash, answer_type, check_answer, lie_about
+from harness.peers.client import ALPHABET, BLOCK, Plan, check_line, request_data
+from harness.peers.gofmt import (
+    AddrError,
+    dial_error,
+    duration,
+    io_error,
+    join_host_port,
+    log_line,
+    quote,
+    split_host_port,
+)
+from harness.peers.server import Answerer
 
 
 def reference(msg_type: bytes, seq: int, data: bytes) -> bytes:
@@ -196,28 +209,83 @@ def test_answerer_lie():
 # --- log formatting -----------------------------------------------------------
 
 
+# Go's own table for time.Duration.String (src/time/time_test.go, durationTests), and outputs of the reference.
 @pytest.mark.parametrize(
     "ns, text",
     [
         (0, "0s"),
-        (999, "999ns"),
-        (1_500, "1.5µs"),
-        (351_681, "351.681µs"),
-        (1_000_000, "1ms"),
-        (12_345_678, "12.345678ms"),
-        (1_500_000_000, "1.5s"),
-        (61_000_000_000, "1m1s"),
-        (3_723_400_000_000, "1h2m3.4s"),
+        (1, "1ns"),
+        (1100, "1.1µs"),
+        (2_200_000, "2.2ms"),
+        (3_300_000_000, "3.3s"),
+        (4 * 60_000_000_000 + 5_000_000_000, "4m5s"),
+        (4 * 60_000_000_000 + 5_001_000_000, "4m5.001s"),
+        (5 * 3_600_000_000_000 + 6 * 60_000_000_000 + 7_001_000_000, "5h6m7.001s"),
+        (8 * 60_000_000_000 + 1, "8m0.000000001s"),
+        (2**63 - 1, "2562047h47m16.854775807s"),
+        (-(2**63), "-2562047h47m16.854775808s"),
+        (-1100, "-1.1µs"),
+        (7_191_310, "7.19131ms"),  # foo-protocol.md's examples, printed by server-linux
+        (62_999, "62.999µs"),
+        (19_992_014, "19.992014ms"),
+        (163_243, "163.243µs"),
+        (60_000_000_000, "1m0s"),
+        (3_600_000_000_000, "1h0m0s"),
     ],
 )
-def test_go_duration(ns, text):
-    assert go_duration(ns) == text
+def test_duration_is_gos(ns, text):
+    assert duration(ns) == text
 
 
-def test_format_peer():
-    assert format_peer(("127.0.0.1", 5)) == "127.0.0.1:5"
-    assert format_peer(("::ffff:127.0.0.1", 5, 0, 0)) == "127.0.0.1:5"
-    assert format_peer(("::1", 5, 0, 0)) == "[::1]:5"
+def test_log_line_has_gos_standard_prefix():
+    assert re.fullmatch(r"\d{4}/\d{2}/\d{2} \d{2}:\d{2}:\d{2} listening on x", log_line("listening on x"))
+    when = time.mktime((2026, 12, 2, 0, 34, 36, 0, 0, -1))
+    assert log_line("listening on 127.0.0.1:9302", when) == "2026/12/02 00:34:36 listening on 127.0.0.1:9302"
+
+
+def test_join_host_port():
+    assert join_host_port(("127.0.0.1", 5)) == "127.0.0.1:5"
+    assert join_host_port(("::ffff:127.0.0.1", 5, 0, 0)) == "127.0.0.1:5"
+    assert join_host_port(("::1", 5, 0, 0)) == "[::1]:5"
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        (":8001", ("", 8001)),
+        ("localhost:1", ("localhost", 1)),
+        ("[::1]:2", ("::1", 2)),
+        ("127.0.0.1:", ("127.0.0.1", 0)),
+        # What client-linux / server-linux print after "dial tcp: " / "listen tcp: ":
+        ("abc", "address abc: missing port in address"),
+        ("8001", "address 8001: missing port in address"),
+        ("127.0.0.1:99999", "address 99999: invalid port"),
+        ("::1:5", "address ::1:5: too many colons in address"),
+        ("[::1]5", "address [::1]5: missing port in address"),
+        ("[::1", "address [::1: missing ']' in address"),
+    ],
+)
+def test_split_host_port_is_gos(text, want):
+    if isinstance(want, tuple):
+        assert split_host_port(text) == want
+    else:
+        with pytest.raises(AddrError) as info:
+            split_host_port(text)
+        assert str(info.value) == want
+
+
+def test_go_error_texts():
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    assert dial_error(refused, "127.0.0.1:9399") == "dial tcp 127.0.0.1:9399: getsockopt: connection refused"
+    assert dial_error(TimeoutError("timed out"), "[::1]:1") == "dial tcp [::1]:1: i/o timeout"
+    reset = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    assert io_error("read", reset, "127.0.0.1:5", "127.0.0.1:6") == (
+        "read tcp 127.0.0.1:5->127.0.0.1:6: read: connection reset by peer"
+    )
+    pipe = BrokenPipeError(errno.EPIPE, "Broken pipe")
+    assert io_error("write", pipe, "a:1", "b:2") == "write tcp a:1->b:2: write: broken pipe"
+    assert io_error("read", TimeoutError("timed out"), "a:1", "b:2") == "read tcp a:1->b:2: i/o timeout"
+    assert quote(b"x") == '"x"' and quote(b'a"\\\t\x00\xff') == '"a\\"\\\\\\t\\x00\\xff"'
 
 
 # --- the client's plan --------------------------------------------------------
@@ -242,14 +310,48 @@ def test_plan_slices_match_whole_and_rule():
     assert b"".join(p[0] for p in parts) == reqs and b"".join(p[1] for p in parts) == answers
 
 
-def test_diagnose_reasons():
-    stream = bytearray(Plan(1, 3).slice(0, 3)[1])
-    first = bytes(stream[: stream.index(b"\n") + 1])
-    assert _diagnose(stream, 0, lie_about(first)) == "corrupted data"
-    other = answer(b"REQ", 9, b"q")
-    assert _diagnose(stream, 0, other).startswith("unexpected seq 9 (want 1)")
-    assert _diagnose(stream, len(stream), b"extra\n").startswith("unexpected data")
-    assert _diagnose(stream, 0, b"NAK 0 ERRDECODE\n").startswith("unexpected seq 0 (want 1)")
+WANT = answer(b"REQ", 1, b"x").rstrip(b"\n")  # ACK 1 ab79c6453de3f8785fb18a0c9d1ea4bb
+HASH = WANT.split()[2]
+
+
+# Each verdict was printed by client-linux for that answer to its REQ 1 (see the commit that added this).
+@pytest.mark.parametrize(
+    "line, verdict",
+    [
+        (WANT, None),
+        (WANT + b"\r", None),  # one \r is dropped
+        (b"ACK 01 " + HASH, None),  # Seq is a number: 01 and +1 are 1
+        (b"ACK +1 " + HASH, None),
+        (WANT + b"\r\r", "validating response: corrupted data"),
+        (b"ACK 1 " + HASH.upper(), "validating response: corrupted data"),
+        (b"ACK 1", "validating response: corrupted data"),
+        (b"ACK 2 " + HASH, "validating response: unexpected seq no"),
+        (b"ACK -1 " + HASH, "validating response: unexpected seq no"),
+        (b"NAK 0 ERRDECODE", "validating response: unexpected seq no"),
+        (b"NAK 1 " + HASH, "validating response: unexpected response type"),
+        (b"REQ 1 " + HASH, "validating response: unexpected response type"),
+        (b"NAK 1 abc", "validating response: unexpected response type"),  # the type is checked before the hash
+        (b"NAK 2 abc", "validating response: unexpected seq no"),  # and the Seq before the type
+        (b"garbage", "decoding response: not enough fields"),
+        (b"", "decoding response: not enough fields"),
+        (WANT + b" x", "decoding response: too many fields"),
+        (WANT + b" ", "decoding response: too many fields"),
+        (b" " + WANT, "decoding response: too many fields"),
+        (b"ACK  1 " + HASH, "decoding response: too many fields"),
+        (b"FOO 1 " + HASH, 'decoding response: bad type ""'),
+        (b"ack 1 " + HASH, 'decoding response: bad type ""'),
+        (b"ACK\t1 " + HASH, 'decoding response: bad type ""'),
+        (b"FOO x " + HASH, 'decoding response: bad type ""'),  # the type is decoded before the Seq
+        (b"ACK x " + HASH, 'decoding response: bad seq: strconv.ParseInt: parsing "x": invalid syntax'),
+        (b"ACK ", 'decoding response: bad seq: strconv.ParseInt: parsing "": invalid syntax'),
+        (
+            b"ACK 99999999999999999999 " + HASH,
+            'decoding response: bad seq: strconv.ParseInt: parsing "99999999999999999999": value out of range',
+        ),
+    ],
+)
+def test_check_line_gives_the_reference_clients_verdict(line, verdict):
+    assert check_line(line, WANT) == verdict
 
 
 # --- command lines ------------------------------------------------------------
@@ -257,19 +359,19 @@ def test_diagnose_reasons():
 
 @pytest.mark.parametrize("argv", [["-listen", ":9"], ["-listen=:9"], ["--listen", ":9"], ["--listen=:9"]])
 def test_server_flags_go_and_docopt_style(argv):
-    opts = server.parse_cli(server.USAGE, argv + ["-quiet", "-close-on-eof"], "foo-server")
+    opts = flags.parse_cli(server.USAGE, argv + ["-quiet", "-close-on-eof"], "foo-server")
     assert opts["--listen"] == ":9" and opts["--quiet"] and opts["--close-on-eof"]
     assert not opts["--split"] and not opts["--lie"]
 
 
 def test_server_defaults():
-    opts = server.parse_cli(server.USAGE, [], "foo-server")
+    opts = flags.parse_cli(server.USAGE, [], "foo-server")
     assert opts["--listen"] == ":8001"
 
 
 def test_bad_flags_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
-        server.parse_cli(server.USAGE, ["-bogus"], "foo-server")
+        flags.parse_cli(server.USAGE, ["-bogus"], "foo-server")
     assert exc.value.code == 2 and "unknown flag -bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         client.parse(["-window", "0"])

@@ -84,3 +84,18 @@ def read_stats(proc: Process, timeout: float = 5.0) -> dict[str, Any]:
     skip_to_end(proc)
     proc.send_signal(signal.SIGUSR2)
     return parse_stats(next_line(proc, timeout), proc.name)
+
+
+def read_stats_when_idle(proc: Process, timeout: float = 10.0, interval: float = 0.05) -> dict[str, Any]:
+    """``read_stats`` until no client session is open (``connections_active`` 0); the last read at the deadline.
+
+    After its clients closed, a proxy still ends their sessions (the upstream
+    side, the accounting): polling for that replaces a guessed sleep. The
+    caller checks the result; at the deadline it gets what was there.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = read_stats(proc, timeout=max(0.5, deadline - time.monotonic()))
+        if stats.get("connections_active", 0) == 0 or time.monotonic() >= deadline:
+            return stats
+        time.sleep(interval)

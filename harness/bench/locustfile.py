@@ -2,7 +2,7 @@
 
 Run locust only as a subprocess: importing it patches the process (gevent)::
 
-    locust -f harness/locustfile.py --headless -u 50 -r 10 -t 20s --host 127.0.0.1:8002 \\
+    locust -f harness/bench/locustfile.py --headless -u 50 -r 10 -t 20s --host 127.0.0.1:8002 \\
         --only-summary --json LockstepUser PipelinedUser
 
 User classes (scenarios), each firing one ``FOO`` request event per REQ:
@@ -16,7 +16,7 @@ User classes (scenarios), each firing one ``FOO`` request event per REQ:
 Event names come from a fixed set: ``"<scenario> REQ"`` for requests and
 ``"<scenario> CONNECT"`` for connects. A REQ event's response time is the time
 from its send to its answer. It fails on a wrong seq, a wrong type or hash (the
-answer rule of ``harness.answer``; a NAK is a valid answer), a timeout or EOF;
+answer rule of ``harness.peers.answer``; a NAK is a valid answer), a timeout or EOF;
 requests lost that way each fire one failure. ``on_stop`` waits for the
 answers still owed before closing, so every REQ sent fires exactly one event:
 the REQ events equal the proxy's ``msg_req``, and with no failures they also
@@ -38,7 +38,7 @@ from collections import deque
 
 from locust import User, constant, events, task
 
-from harness.answer import check_answer
+from harness.peers.answer import check_answer
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 RECV_SIZE = 65536

@@ -18,16 +18,21 @@ seconds it checks the socket for a reset (SO_ERROR / TCP state CLOSE).
 A peer that closes with unread answers resets at once; one that closes
 cleanly is found by TCP keepalive once its kernel has forgotten the
 connection (about ``tcp_fin_timeout`` + ``KEEPALIVE_IDLE`` seconds). So parked
-sockets never pile up without bound. ``close_on_eof=True`` closes right after
-answering instead.
+sockets never pile up without bound. A line longer than 65,536 bytes ends the
+handling the same way (logged ``disconnected``, nothing more read or
+answered, the socket held, as the reference holds it). ``close_on_eof=True``
+closes right after answering (or after the long line) instead.
+
+Every log line carries Go's ``log`` timestamp prefix, durations are Go's, and
+startup errors read like the reference's (``harness.peers.gofmt``).
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import os
 import random
-import re
 import signal
 import sys
 import time
@@ -37,13 +42,21 @@ import gevent
 import gevent.event
 import gevent.pool
 import gevent.socket as gsocket
-from docopt import DocoptExit, docopt
 from gevent.server import StreamServer
 
-from fooproxy.cli import normalise
-from fooproxy.config import Address, ConfigError, parse_address
+from fooproxy.config import Address
 from fooproxy.protocol import MAX_LINE
-from harness.answer import answer_for, lie_about
+from harness.peers.answer import answer_for, lie_about
+from harness.peers.flags import parse_cli
+from harness.peers.gofmt import (
+    AddrError,
+    duration,
+    errno_text,
+    join_host_port,
+    log_line,
+    lookup_error,
+    split_host_port,
+)
 
 USAGE = """\
 foo-server: a Foo protocol server that answers like the reference server-linux.
@@ -57,8 +70,8 @@ Options:
   --listen ADDR   Listen on ADDR (:port, host:port, [v6]:port); an empty host means
                   all interfaces, IPv4 and IPv6 [default: :8001].
   --split         Split each write at random points, as the reference does.
-  --close-on-eof  Close a connection once its client sent EOF and all is answered
-                  (the reference never closes its side).
+  --close-on-eof  Close a connection once its client sent EOF and all is answered,
+                  or sent a line over 64 KiB (the reference never closes its side).
   --quiet         Do not log per-connection lines.
   --lie           Corrupt every hashed answer (to test that clients validate).
 """
@@ -126,44 +139,6 @@ class Answerer:
     def _overflow(self) -> None:
         self.oversized = True
         self._pending = bytearray()
-
-
-def format_peer(address: Any) -> str:
-    """``HOST:PORT`` as Go prints it: ``[v6]:port``, IPv4-mapped shown as IPv4."""
-    if not isinstance(address, tuple):
-        return str(address)
-    host, port = address[0], address[1]
-    if host.startswith("::ffff:") and "." in host:
-        host = host[7:]
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
-
-
-def go_duration(ns: int) -> str:
-    """A duration in nanoseconds as Go's ``time.Duration.String`` writes it."""
-    if ns == 0:
-        return "0s"
-    sign = "-" if ns < 0 else ""
-    ns = abs(ns)
-
-    def frac(value: int, unit: int, suffix: str) -> str:
-        whole, rest = divmod(value, unit)
-        digits = ("%0*d" % (len(str(unit)) - 1, rest)).rstrip("0")
-        return "%d%s%s" % (whole, "." + digits if digits else "", suffix)
-
-    if ns < 1000:
-        return "%s%dns" % (sign, ns)
-    if ns < 1_000_000:
-        return sign + frac(ns, 1000, "µs")
-    if ns < 1_000_000_000:
-        return sign + frac(ns, 1_000_000, "ms")
-    minutes, sec_ns = divmod(ns, 60_000_000_000)
-    hours, minutes = divmod(minutes, 60)
-    out = sign
-    if hours:
-        out += "%dh" % hours
-    if hours or minutes:
-        out += "%dm" % minutes
-    return out + frac(sec_ns, 1_000_000_000, "s")
 
 
 def make_listener(address: Address, backlog: int = 1024) -> gsocket.socket:
@@ -271,17 +246,17 @@ class FooServer(StreamServer):
     @property
     def address_text(self) -> str:
         """The bound address as Go prints it, e.g. ``[::]:8001``."""
-        return format_peer(self.socket.getsockname())
+        return join_host_port(self.socket.getsockname())
 
     def log(self, text: str) -> None:
-        """Write one line to the log (stderr by default)."""
+        """Write one line to the log (stderr by default), with Go's timestamp prefix as the reference."""
         out = self._log_file or sys.stderr
-        out.write(text + "\n")
+        out.write(log_line(text) + "\n")
         out.flush()
 
     def handle(self, sock: gsocket.socket, address: Any) -> None:
         """Serve one connection (StreamServer closes ``sock`` when this returns)."""
-        peer = format_peer(address)
+        peer = join_host_port(address)
         start = time.perf_counter_ns()
         if not self.quiet:
             self.log("%s: connected" % peer)
@@ -310,8 +285,8 @@ class FooServer(StreamServer):
         except OSError:
             pass
         if not self.quiet:
-            self.log("%s: disconnected (%s)" % (peer, go_duration(time.perf_counter_ns() - start)))
-        if eof and not self.close_on_eof:
+            self.log("%s: disconnected (%s)" % (peer, duration(time.perf_counter_ns() - start)))
+        if (eof or answerer.oversized) and not self.close_on_eof:
             self._park(sock)
 
     def _send_split(self, sock: gsocket.socket, data: bytes) -> None:
@@ -342,44 +317,32 @@ class FooServer(StreamServer):
         super().stop(timeout=timeout)
 
 
-def parse_cli(usage: str, argv: list[str] | None, prog: str) -> dict[str, Any]:
-    """Parse Go-style or docopt-style flags against ``usage``; exit 2 on bad usage.
-
-    ``-h`` prints the usage and exits 0.
-    """
-    args = normalise(list(sys.argv[1:] if argv is None else argv))
-    try:
-        opts = docopt(usage, argv=args, default_help=False)
-    except DocoptExit as exc:
-        names = [a.split("=", 1)[0] for a in args if a.startswith("-")]
-        unknown = [n for n in names if not re.search(r"\s%s[\s=]" % re.escape(n), usage)]
-        first = str(exc).strip().splitlines()
-        reason = "unknown flag -%s" % unknown[0].lstrip("-") if unknown else (first[0] if first else "bad usage")
-        raise usage_error(prog, reason) from None
-    if opts.get("--help"):
-        sys.stdout.write(usage)
-        raise SystemExit(0)
-    return dict(opts)
-
-
-def usage_error(prog: str, message: str) -> SystemExit:
-    """Print one usage error line; return the SystemExit(2) to raise."""
-    sys.stderr.write("%s: %s (see %s -h)\n" % (prog, message, prog))
-    return SystemExit(2)
+def fatal(text: str) -> int:
+    """Log ``text`` as Go's ``log.Fatal`` does (timestamp prefix, stderr) and return its exit status, 1."""
+    sys.stderr.write(log_line(text) + "\n")
+    sys.stderr.flush()
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run foo-server until SIGTERM/SIGINT; returns the exit status."""
+    """Run foo-server until SIGTERM/SIGINT, then die by that signal, as the reference (which does not catch it).
+
+    A ``-listen`` Go refuses, or a failed listen, ends it like the reference:
+    one log line (``listen tcp: address abc: missing port in address``), exit 1.
+    """
     opts = parse_cli(USAGE, argv, "foo-server")
     try:
-        address = parse_address(opts["--listen"], "-listen", allow_port_zero=True)
-    except ConfigError as exc:
-        raise usage_error("foo-server", str(exc)) from None
+        host, port = split_host_port(opts["--listen"])
+    except AddrError as exc:
+        return fatal("listen tcp: %s" % exc)
     try:
-        listener = make_listener(address)
+        listener = make_listener(Address(host, port))
+    except gsocket.gaierror:
+        return fatal("listen tcp: %s" % lookup_error(host))
     except OSError as exc:
-        sys.stderr.write("foo-server: listen %s: %s\n" % (opts["--listen"], exc))
-        return 1
+        return fatal(
+            "listen tcp %s: bind: %s" % (join_host_port((host, port)) if host else ":%d" % port, errno_text(exc))
+        )
     server = FooServer(
         listener,
         split=opts["--split"],
@@ -387,19 +350,23 @@ def main(argv: list[str] | None = None) -> int:
         quiet=opts["--quiet"],
         lie=opts["--lie"],
     )
-    stop = gevent.event.Event()
-    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGTERM, signal.SIGINT)]
+    stop = gevent.event.AsyncResult()
+    handlers = [gevent.signal_handler(sig, stop.set, sig) for sig in (signal.SIGTERM, signal.SIGINT)]
     server.start()
     server.log("listening on %s" % server.address_text)
+    got = signal.SIGINT
     try:
-        stop.wait()
+        got = stop.get()
     except KeyboardInterrupt:
         pass
     finally:
         for handler in handlers:
             handler.cancel()
         server.stop(timeout=0)
-    return 0
+    # Go's default for these signals: the process dies by it (status -15 / -2), which scripts see.
+    signal.signal(got, signal.SIG_DFL)
+    os.kill(os.getpid(), got)
+    return 128 + got  # not reached: the default action ends the process
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``foo-harness bench`` (``make bench``): the same load direct to the server, through HAProxy and through fooproxy.
 
 A benchmark, not a test. For each load workload (W1 pipelined, W2 lockstep,
-W3 fan-in, W4 churn, W7 paced latency) and round, four runs, each with a fresh
+W3 fan-in, W4 churn, W7 paced latency) and round, four runs of the same
+``harness.bench.loadgen`` load for ``--duration`` seconds, each with a fresh
 server: direct, through HAProxy (TCP mode, ``nbthread 1``, when installed),
 through fooproxy, and direct again, so the machine's drift shows and every
 ratio compares runs close together in time. W5 holds idle connections through
@@ -14,7 +15,8 @@ against the load generator's. A table goes to stdout and the whole record to
 
 The figures derived from the runs (ratios, drift, added latency, the
 verdicts on the issue's targets) are pure functions of numbers, below
-"figures", so they are unit-tested without running anything.
+"figures", so they are unit-tested without running anything; they are
+recorded before the tables, which only format them.
 """
 
 from __future__ import annotations
@@ -36,11 +38,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from harness.binaries import REFERENCE, REFERENCE_SERVER, Peers, find_peers, fooproxy_command, python_peers
-from harness.loadgen import LoadGen, LoadResult, LoadSpec
+from harness.bench.loadgen import LoadGen, LoadResult, LoadSpec
+from harness.binaries import REFERENCE, REFERENCE_SERVER, Peers, find_peers, python_peers
 from harness.processes import ProcessError
-from harness.stats import read_stats
-from harness.tasks import Service, local_address, proxy_env, split_address
+from harness.sigusr2 import read_stats
+from harness.tasks import Service, local_address, split_address, start_proxy, start_server
 
 USAGE = """\
 foo-harness bench: the same load direct to the server, through HAProxy and through fooproxy.
@@ -176,7 +178,9 @@ def choose_peers(python: bool = False) -> Peers:
 
 
 def gevent_env(monitor: bool | None) -> dict[str, str] | None:
-    """Our environment with gevent's monitor thread on or off (``None``: as inherited).
+    """What to add to the environment (``env`` of ``start_server``/``start_proxy``) for gevent's monitor thread.
+
+    ``True``/``False`` turn it on or off; ``None`` adds nothing (as inherited).
 
     The monitor thread installs a greenlet trace function that runs on every
     switch (measured: about 5-10 % more proxy CPU per message in W2), so the
@@ -184,46 +188,22 @@ def gevent_env(monitor: bool | None) -> dict[str, str] | None:
     """
     if monitor is None:
         return None
-    return {**os.environ, "GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"}
+    return {"GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"}
 
 
-def start_server(peers: Peers, close_on_eof: bool = False, monitor: bool | None = None) -> Service:
-    """A Foo server on a free port: the reference binary as is, or ``foo-server -quiet``."""
-    listen = local_address()
-    args: list[str] = []
-    if peers.kind != REFERENCE:
-        args = ["-quiet"] + (["-close-on-eof"] if close_on_eof else [])
-    service = Service(
-        peers.server_cmd(listen, *args),
-        listen,
-        name="server",
-        env=gevent_env(monitor),
-        ready_port=split_address(listen),
-    )
-    service.start()
-    return service
+def server_args(peers: Peers, close_on_eof: bool = False) -> list[str]:
+    """A load run's server flags: foo-server gets ``-quiet`` (and ``-close-on-eof`` if asked), the reference none."""
+    if peers.kind == REFERENCE:
+        return []
+    return ["-quiet"] + (["-close-on-eof"] if close_on_eof else [])
 
 
-def start_proxy(
-    forward: str,
-    extra: Sequence[str] = (),
-    log_level: str = "warning",
-    monitor: bool | None = None,
-    command: Sequence[str] | None = None,
-) -> Service:
-    """fooproxy (or ``command``) on a free port in front of ``forward``: no HTTP, no recovery file, quiet logs.
+def proxy_options(extra: Sequence[str] = (), monitor: bool | None = None) -> dict[str, Any]:
+    """A load run's ``start_proxy`` keywords: ``-log-level warning`` (no per-connection line), ``extra``, the monitor.
 
-    Ready once its port accepts (one probe connection, no message).
+    ``monitor`` turns gevent's monitor thread on or off (``None``: as inherited; see ``gevent_env``).
     """
-    listen = local_address()
-    cmd = [*(command or fooproxy_command()), "-listen", listen, "-forward", forward, "-http", "off"]
-    cmd += ["-recovery-path", "off", "-log-level", log_level, *extra]
-    env = (
-        proxy_env() if monitor is None else proxy_env({"GEVENT_MONITOR_THREAD_ENABLE": "true" if monitor else "false"})
-    )
-    service = Service(cmd, listen, name="fooproxy", env=env, ready_port=split_address(listen))
-    service.start()
-    return service
+    return {"extra_args": ["-log-level", "warning", *extra], "env": gevent_env(monitor)}
 
 
 def describe_server(peers: Peers) -> str:
@@ -305,10 +285,11 @@ def haproxy_config(listen: str, forward: str, maxconn: int) -> str:
 class HAProxy(Service):
     """HAProxy in the foreground (``-db``: no daemon, no master process) in front of ``forward``.
 
-    Its config goes to a temporary file, removed by ``close()``. Ready once its
-    port accepts (the probe connection is relayed to the server and closed);
-    stopped like every ``Service``, by SIGTERM to its process group, whose id
-    is its PID.
+    Not started by ``harness.tasks.start_proxy``, which gives fooproxy's flags:
+    HAProxy takes a config file, written to a temporary directory and removed
+    by ``close()``. Ready by the rule of ``start_proxy`` (its port in LISTEN
+    state, so no probe connection is relayed to the server); stopped like
+    every ``Service``, by SIGTERM to its process group, whose id is its PID.
     """
 
     def __init__(self, binary: str, forward: str, maxconn: int) -> None:
@@ -316,7 +297,8 @@ class HAProxy(Service):
         self.config_dir = Path(tempfile.mkdtemp(prefix="foo-haproxy-cfg-"))
         config = self.config_dir / "haproxy.cfg"
         config.write_text(haproxy_config(listen, forward, maxconn))
-        super().__init__([binary, "-db", "-f", str(config)], listen, name="haproxy", ready_port=split_address(listen))
+        cmd = [binary, "-db", "-f", str(config)]
+        super().__init__(cmd, listen, name="haproxy", ready_listen=split_address(listen)[1], ready_timeout=30.0)
 
     def close(self) -> None:
         try:
@@ -341,7 +323,7 @@ class Fronts:
             if self.haproxy is None:
                 raise ValueError("HAProxy is not available")
             return HAProxy(self.haproxy, forward, self.haproxy_maxconn).start()  # type: ignore[return-value]
-        return start_proxy(forward, self.proxy_args, monitor=self.monitor, command=self.proxy_cmd)
+        return start_proxy(forward, command=self.proxy_cmd, **proxy_options(self.proxy_args, self.monitor))
 
 
 class PySpy:
@@ -384,7 +366,7 @@ def load_run(
     finished connection, tens of thousands in 10 s. The proxy's CPU is read
     from /proc the same way for fooproxy and HAProxy.
     """
-    server = start_server(peers, close_on_eof=load.churn > 0, monitor=fronts.monitor)
+    server = start_server(peers=peers, args=server_args(peers, load.churn > 0), env=gevent_env(fronts.monitor))
     front = spy = None
     try:
         if path != "direct":
@@ -505,7 +487,10 @@ def memory_and_idle(
     For ``path`` ``"proxy"`` (fooproxy, whose counts are checked too) or ``"haproxy"``.
     """
     out: dict[str, Any] = {"path": path, "problems": []}
-    with start_server(peers, monitor=fronts.monitor) as server, fronts.start(path, server.address) as front:
+    with (
+        start_server(peers=peers, args=server_args(peers), env=gevent_env(fronts.monitor)) as server,
+        fronts.start(path, server.address) as front,
+    ):
         time.sleep(0.5)  # let start-up settle
         out["idle_cpu_pct"] = round(idle_cpu_pct(front.pid, idle_seconds), 3)
         if not do_memory:
@@ -584,33 +569,64 @@ def spread(values: Sequence[float | None]) -> dict[str, float] | None:
     return {"median": round(statistics.median(have), 3), "min": min(have), "max": max(have)}
 
 
-def annotate(runs: list[dict[str, Any]]) -> None:
-    """Add the derived figures to each run of each (workload, round), in place.
-
-    A round's direct runs (normally one before HAProxy, one after fooproxy)
-    are the baseline of both proxies: ``ratio`` = msgs/s ÷ their mean. The
-    fooproxy run gets ``vs_haproxy`` (fooproxy msgs/s ÷ HAProxy msgs/s; not W7); the
-    second direct run gets ``drift`` (÷ the first). Paced (W7) runs get
-    ``added_p50_us`` / ``added_p99_us``: through a proxy minus the direct mean.
-    """
+def rounds_of(runs: list[dict[str, Any]]) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """The runs grouped by (workload, round), each group in the order it ran."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["workload"], r.get("round", 1)), []).append(r)
-    for group in groups.values():
+    return groups
+
+
+def baselines(runs: list[dict[str, Any]]) -> list[float | None]:
+    """Per run: the mean msgs/s of the direct runs of its workload and round; ``None`` if it has none."""
+    base = {
+        key: mean([r["msgs_per_s"] for r in group if r["path"] == "direct"]) for key, group in rounds_of(runs).items()
+    }
+    return [base[(r["workload"], r.get("round", 1))] for r in runs]
+
+
+def ratios(runs: list[dict[str, Any]]) -> list[float | None]:
+    """Per run: its msgs/s ÷ its baseline (see ``baselines``); ``None`` for a direct run or without a baseline.
+
+    The one rule for ``ratio``: a round's direct runs (normally one before
+    HAProxy, one after fooproxy) are the baseline of both proxies.
+    """
+    return [
+        None if r["path"] == "direct" else ratio(r["msgs_per_s"], base)
+        for r, base in zip(runs, baselines(runs), strict=True)
+    ]
+
+
+def annotate(runs: list[dict[str, Any]], loads: Sequence[Workload] = LOADS) -> None:
+    """Record the derived figures in each run, in place, before any table formats them.
+
+    Each proxied run gets ``baseline_msgs_per_s`` and ``ratio`` (see
+    ``ratios``). The fooproxy run gets ``vs_haproxy`` (fooproxy msgs/s ÷
+    HAProxy msgs/s, same round; not W7) and ``target``, the issue's minimum
+    for it; the second direct run gets ``drift`` (÷ the first). Paced (W7)
+    runs get ``added_p50_us`` / ``added_p99_us``: through a proxy minus the
+    direct mean.
+    """
+    targets = {w.key: w.target for w in loads}
+    for r, base, got in zip(runs, baselines(runs), ratios(runs), strict=True):
+        if r["path"] != "direct":
+            r["baseline_msgs_per_s"] = round(base, 1) if base is not None else None
+            r["ratio"] = got
+    for group in rounds_of(runs).values():
         direct = [r for r in group if r["path"] == "direct"]
-        base = mean([r["msgs_per_s"] for r in direct])
         if len(direct) >= 2:
             direct[-1]["drift"] = ratio(direct[-1]["msgs_per_s"], direct[0]["msgs_per_s"])
         by_path = {r["path"]: r for r in group if r["path"] != "direct"}
-        for r in by_path.values():
-            r["baseline_msgs_per_s"] = round(base, 1) if base is not None else None
-            r["ratio"] = ratio(r["msgs_per_s"], base)
-            if r["workload"] == "W7":
+        if group[0]["workload"] == "W7":
+            for r in by_path.values():
                 r["added_p50_us"] = added_us(r["p50_us"], [d["p50_us"] for d in direct])
                 r["added_p99_us"] = added_us(r["p99_us"], [d["p99_us"] for d in direct])
         # W7's msgs/s is its schedule's, so it is judged on latency, not on vs HAProxy.
-        if "proxy" in by_path and "haproxy" in by_path and group[0]["workload"] != "W7":
-            by_path["proxy"]["vs_haproxy"] = ratio(by_path["proxy"]["msgs_per_s"], by_path["haproxy"]["msgs_per_s"])
+        elif "proxy" in by_path and "haproxy" in by_path:
+            foo = by_path["proxy"]
+            foo["vs_haproxy"] = ratio(foo["msgs_per_s"], by_path["haproxy"]["msgs_per_s"])
+            if targets.get(foo["workload"]):
+                foo["target"] = targets[foo["workload"]]
 
 
 def summarise(runs: list[dict[str, Any]], loads: Sequence[Workload] = LOADS) -> dict[str, dict[str, Any]]:
@@ -631,9 +647,9 @@ def summarise(runs: list[dict[str, Any]], loads: Sequence[Workload] = LOADS) -> 
         row: dict[str, Any] = {"rounds": len({r.get("round", 1) for r in of})}
         row["direct_msgs_per_s"] = spread([r["msgs_per_s"] for r in direct])
         row["drift"] = spread([r.get("drift") for r in direct])
-        ratios = spread([r.get("ratio") for r in foo])
-        if ratios:
-            row.update(ratio_median=ratios["median"], ratio_min=ratios["min"], ratio_max=ratios["max"])
+        foo_ratios = spread([r.get("ratio") for r in foo])
+        if foo_ratios:
+            row.update(ratio_median=foo_ratios["median"], ratio_min=foo_ratios["min"], ratio_max=foo_ratios["max"])
         costs = spread([r.get("proxy_us_per_msg") for r in foo])
         row["us_per_msg_median"] = costs["median"] if costs else None
         row["haproxy_ratio"] = spread([r.get("ratio") for r in hap])
@@ -685,7 +701,7 @@ def _range(s: dict[str, float] | None, form: str = "%.2f") -> str:
 
 
 def run_table(runs: list[dict[str, Any]]) -> str:
-    """One line per run, in the order they ran (after ``annotate``)."""
+    """One line per run, in the order they ran; formats the figures ``annotate`` recorded."""
     form = "%-14s %2s %-8s %10s %8s %9s %6s %6s %7s %4s %22s %7s %6s  %s"
     head = form % (
         "workload",
@@ -734,9 +750,13 @@ def summary_table(
     summary: dict[str, dict[str, Any]],
     foo_idle: dict[str, Any] | None,
     hap_idle: dict[str, Any] | None,
+    idle_verdict: dict[str, str],
     haproxy_note: str,
 ) -> str:
-    """Per workload: the ratios, fooproxy vs HAProxy, µs/msg beside µs/msg, the issue's target and its verdict."""
+    """Per workload: the ratios, fooproxy vs HAProxy, µs/msg beside µs/msg, the issue's target and its verdict.
+
+    Formats only: ``summary`` is ``summarise``'s, ``idle_verdict`` is ``idle_verdicts``'.
+    """
     empty = "-" if not haproxy_note else "(none)"
     form = "%-14s %13s %-18s %-18s %-18s %-16s %s"
     head = form % (
@@ -791,7 +811,6 @@ def summary_table(
                 row["paced_sends"],
             )
         )
-    verdicts = idle_verdicts(foo_idle, hap_idle)
     if foo_idle and "kib_per_conn" in foo_idle:
         hap_kib = _fmt((hap_idle or {}).get("kib_per_conn"), "%.2f", empty)
         lines.append(
@@ -803,7 +822,7 @@ def summary_table(
                 foo_idle["rss_before_kib"] / 1024,
                 foo_idle["rss_held_kib"] / 1024,
                 hap_kib,
-                verdicts["W5"],
+                idle_verdict["W5"],
             )
         )
     if foo_idle and "idle_cpu_pct" in foo_idle:
@@ -819,7 +838,7 @@ def summary_table(
 
         lines.append(
             "W6 idle CPU    fooproxy %s, HAProxy %s; target %g %%: %s"
-            % (idle(foo_idle), idle(hap_idle), IDLE_TARGET_PCT, verdicts["W6"])
+            % (idle(foo_idle), idle(hap_idle), IDLE_TARGET_PCT, idle_verdict["W6"])
         )
     if haproxy_note:
         lines.append("vs HAProxy is empty: %s" % haproxy_note)
@@ -872,7 +891,7 @@ def start_failure(text: str) -> str:
 
 def bench(argv: list[str] | None) -> int:
     """``main`` without the start-failure handling."""
-    from harness.server import parse_cli
+    from harness.peers.flags import parse_cli
 
     opts = parse_cli(USAGE, ["bench", *(sys.argv[1:] if argv is None else argv)], "foo-harness bench")
     numbers: dict[str, Any] = {}
@@ -916,7 +935,7 @@ def bench(argv: list[str] | None) -> int:
         monitor=bool(opts["--monitor-thread"]),
         proxy_cmd=tuple(shlex.split(opts["--proxy-cmd"])) if opts["--proxy-cmd"] else None,
         haproxy=haproxy,
-        # Above W3's 500 and W5's held connections (plus readiness probes).
+        # Above W3's 500 and W5's held connections.
         haproxy_maxconn=max(4096, 2 * idle_conns),
     )
     loads = [replace(w, rate=w7_rate) if w.rate else w for w in LOADS if w.key in only]
@@ -969,13 +988,14 @@ def bench(argv: list[str] | None) -> int:
             else:
                 hap_idle = got
     summary = summarise(runs, loads)
+    idle_verdict = idle_verdicts(foo_idle, hap_idle)
     say()
     say("server: %s" % server_text)
     say("HAProxy: %s" % haproxy_text)
     if runs:
         say(run_table(runs))
         say()
-    say(summary_table(summary, foo_idle, hap_idle, haproxy_note))
+    say(summary_table(summary, foo_idle, hap_idle, idle_verdict, haproxy_note))
     problems = [(r["workload"] + " " + SHOWN[r["path"]], p) for r in runs for p in r["problems"]]
     for where, got in (("W5/W6 fooproxy", foo_idle), ("W5/W6 HAProxy", hap_idle)):
         problems += [(where, p) for p in (got or {}).get("problems", [])]
@@ -1002,7 +1022,7 @@ def bench(argv: list[str] | None) -> int:
         "summary": summary,
         "idle_and_memory": foo_idle,
         "idle_and_memory_haproxy": hap_idle,
-        "idle_verdicts": idle_verdicts(foo_idle, hap_idle),
+        "idle_verdicts": idle_verdict,
         "ok": not problems,
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")

@@ -2,9 +2,10 @@
 
 Starts a Foo server (the reference ``server-linux`` from ``$FOO_BIN_DIR`` when
 present, else ``foo-server``) and fooproxy in front of it on free ports, runs
-``locust -f harness/locustfile.py --headless ... --only-summary --json`` as a
+``locust -f harness/bench/locustfile.py --headless ... --only-summary --json`` as a
 subprocess (never imported here: importing locust patches the process), then
-asks the proxy for its stats with SIGUSR2 and prints both side by side.
+asks the proxy for its stats with SIGUSR2 (polling until its last session has
+ended) and prints both side by side. ``--keep-logs DIR`` keeps all the output.
 
 Exact check: the REQ events locust counted equal the proxy's ``msg_req``, the
 answers (REQ events that did not fail) equal ``msg_ack + msg_nak``, and there
@@ -18,14 +19,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from harness.binaries import console_script
-from harness.stats import read_stats
+from harness.sigusr2 import read_stats_when_idle
+from harness.tasks import start_proxy, start_server
 
 USAGE = """\
 foo-harness swarm: a headless locust swarm through fooproxy, stats side by side.
@@ -43,7 +44,8 @@ Options:
   --churn K          Requests per connection for churn [default: 10].
   --size N           Data bytes per request [default: 16].
   --python           Use foo-server even when $FOO_BIN_DIR has the reference server.
-  --keep-logs DIR    Also write locust's and the processes' output under DIR.
+  --keep-logs DIR    Keep every output under DIR: locust's (locust.out, locust.err), the
+                     server's and fooproxy's (<name>-<id>.out and .err).
 """
 
 SCENARIOS = {
@@ -144,21 +146,35 @@ def swarm(
     churn: int = 10,
     size: int = 16,
     python: bool = False,
+    keep_logs: str | os.PathLike | None = None,
 ) -> SwarmResult:
-    """Server + fooproxy + a locust swarm through it + SIGUSR2: the checked result."""
-    from harness.bench import choose_peers, start_proxy, start_server
+    """Server + fooproxy + a locust swarm through it + SIGUSR2: the checked result.
+
+    ``keep_logs``: a directory that keeps locust's stdout and stderr
+    (``locust.out``, ``locust.err``) and the server's and proxy's output files.
+    """
+    from harness.bench.bench import choose_peers, proxy_options, server_args
 
     if scenario not in SCENARIOS:
         raise ValueError("unknown scenario %r (one of %s)" % (scenario, ", ".join(SCENARIOS)))
     peers = choose_peers(python)
     extra = ["--foo-window", str(window), "--foo-churn", str(churn), "--foo-size", str(size)]
-    with start_server(peers) as server, start_proxy(server.address, log_level="warning") as proxy:
+    log_dir = None
+    if keep_logs is not None:
+        log_dir = Path(keep_logs)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        start_server(peers=peers, args=server_args(peers), log_dir=log_dir) as server,
+        start_proxy(server.address, log_dir=log_dir, **proxy_options()) as proxy,
+    ):
         cmd = locust_command(proxy.address, users, spawn_rate, duration, SCENARIOS[scenario], extra)
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         rc, out, err = run_locust(cmd, timeout=duration + 90, env=env)
-        time.sleep(0.2)  # the proxy ends the last sessions after their clients closed
-        stats = read_stats(proxy)
+        stats = read_stats_when_idle(proxy)
+    if log_dir is not None:
+        (log_dir / "locust.out").write_text(out)
+        (log_dir / "locust.err").write_text(err)
     try:
         entries = parse_json_stats(out)
     except ValueError as exc:
@@ -221,7 +237,7 @@ def _quantile(times: dict, q: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the swarm, print the side-by-side report, exit 0 when the counts are exact."""
-    from harness.server import parse_cli
+    from harness.peers.flags import parse_cli
 
     opts = parse_cli(USAGE, ["swarm", *(sys.argv[1:] if argv is None else argv)], "foo-harness swarm")
     scenario = opts["--scenario"]
@@ -242,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         int(opts["--churn"]),
         int(opts["--size"]),
         opts["--python"],
+        opts["--keep-logs"],
     )
     if opts["--keep-logs"]:
-        Path(opts["--keep-logs"]).mkdir(parents=True, exist_ok=True)
-        (Path(opts["--keep-logs"]) / "locust.log").write_text(res.locust_output)
+        print("swarm: output kept in %s" % opts["--keep-logs"])
     aggregated = [line for line in res.locust_output.splitlines() if "Aggregated" in line]
     if aggregated:
         print("locust:" + aggregated[0])

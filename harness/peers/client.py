@@ -3,9 +3,11 @@
 By default: one connection, ``REQ 1`` .. ``REQ 100`` strictly one at a time,
 Data 4-31 chars of ``[a-z0-9]`` from a fixed seed, each write split at a random
 point into two sends, every answer checked against the server's answer rule;
-a dot every ten answers, then ``OK!`` (exit 0) or ``FAILED!`` and ``Errors:``
-(exit 1). Options add pipelining (``-window``), concurrent connections
-(``-conns``) and a JSON summary, so that it doubles as a load generator.
+a dot after answers 1, 11, 21, ..., then ``OK!`` (exit 0) or ``FAILED!`` on
+stdout and ``Errors:`` plus the reason on stderr (exit 1), word for word what
+the reference prints (its Go error texts come from ``harness.peers.gofmt``).
+Options add pipelining (``-window``), concurrent connections (``-conns``) and a
+JSON summary, so that it doubles as a load generator.
 
 In-process use::
 
@@ -14,7 +16,10 @@ In-process use::
 
 Answers are validated by comparing the received bytes with the expected answer
 stream (C-level slice comparison, segmentation-agnostic), so a pipelined run
-does no per-byte Python work. Only explicit gevent APIs are used.
+does no per-byte Python work. From the first byte that differs (or an EOF),
+the connection checks answer by answer as the reference's decoder does
+(``check_line``): it accepts what the reference accepts (``ACK 01 …``, a
+``\r\n`` ending) and names a failure as it does. Only explicit gevent APIs are used.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,10 +38,11 @@ import gevent.event
 import gevent.pool
 import gevent.socket as gsocket
 
-from fooproxy.config import Address, ConfigError, parse_address, positive_float, positive_int
-from fooproxy.protocol import REQ, parse_line
-from harness.answer import answer
-from harness.server import parse_cli, usage_error
+from fooproxy.config import Address, ConfigError, positive_float, positive_int
+from fooproxy.protocol import REQ
+from harness.peers.answer import answer
+from harness.peers.flags import parse_cli, usage_error
+from harness.peers.gofmt import AddrError, dial_error, io_error, join_host_port, lookup_error, quote, split_host_port
 
 USAGE = """\
 foo-client: a Foo protocol client that validates answers like the reference client-linux.
@@ -66,6 +73,8 @@ DATA_MIN, DATA_MAX = 4, 31
 BLOCK = 1024  # messages per generated block
 MAX_BATCH = 4096  # requests per write in pipelined mode
 RECV_SIZE = 65536
+#: A Seq Go's ``strconv.ParseInt(s, 10, 64)`` reads (range checked apart).
+_GO_INT = re.compile(rb"[+-]?[0-9]+")
 _TO_ALPHABET = bytes(ord(ALPHABET[b % len(ALPHABET)]) for b in range(256))
 
 
@@ -168,7 +177,7 @@ class Plan:
 
 
 class _Progress:
-    """Prints a dot every ten answers, over all connections."""
+    """Prints a dot after answers 1, 11, 21, ... (as the reference), over all connections."""
 
     def __init__(self, out: TextIO, quiet: bool) -> None:
         self.out = out
@@ -178,7 +187,7 @@ class _Progress:
 
     def add(self, count: int) -> None:
         self.answers += count
-        dots = self.answers // 10
+        dots = (self.answers + 9) // 10
         if dots > self.dots and not self.quiet:
             self.out.write("." * (dots - self.dots))
         self.dots = dots
@@ -197,17 +206,39 @@ class _Connection:
         self.answers = 0
         self.in_flight = 0
         self.expected = bytearray()
+        self.sent = 0
         self.room = gevent.event.Event()
+        self.local = self.remote = "?"
 
-    def run(self) -> None:
+    def _dial(self) -> gsocket.socket | None:
+        """Connect as Go's ``net.Dial`` would, trying IPv4 first; on failure set its error (the first one)."""
         address = self.opts.address
         try:
-            sock = gsocket.create_connection((address.connect_host, address.port), timeout=self.opts.timeout)
-        except OSError as exc:
-            self.error = "connecting to %s: %s" % (address, _reason(exc))
+            infos = gsocket.getaddrinfo(address.connect_host, address.port, 0, gsocket.SOCK_STREAM)
+        except gsocket.gaierror:
+            self.error = "dial tcp: %s" % lookup_error(address.host)
+            return None
+        infos.sort(key=lambda info: info[0] != gsocket.AF_INET)
+        for family, kind, proto, _, sockaddr in infos:
+            sock = gsocket.socket(family, kind, proto)
+            sock.settimeout(self.opts.timeout)
+            try:
+                sock.connect(sockaddr)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if self.error is None:
+                    remote = join_host_port(sockaddr) if address.host else ":%d" % address.port
+                    self.error = dial_error(exc, remote)
+        return None
+
+    def run(self) -> None:
+        sock = self._dial()
+        if sock is None:
             return
         self.sock = sock
         try:
+            self.local, self.remote = join_host_port(sock.getsockname()), join_host_port(sock.getpeername())
             sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             writer = gevent.spawn(self._write, sock)
             try:
@@ -248,16 +279,15 @@ class _Connection:
                 self.expected += answers
                 self.in_flight += count
                 sent += count
+                self.sent = sent
                 if split and len(data) > 1:
                     cut = self.rng.randrange(1, len(data))
                     sock.sendall(data[:cut])
                     sock.sendall(data[cut:])
                 else:
                     sock.sendall(data)
-        except TimeoutError:
-            self._fail("sending request: timeout after %gs" % self.opts.timeout)
         except OSError as exc:
-            self._fail("sending request: %s" % _reason(exc))
+            self._fail("encoding request: %s" % io_error("write", exc, self.local, self.remote))
 
     def _read(self, sock: gsocket.socket) -> None:
         total = self.opts.requests
@@ -265,20 +295,14 @@ class _Connection:
         pos = 0
         progress = self.progress
         while self.answers < total and self.error is None:
-            try:
-                chunk = sock.recv(RECV_SIZE)
-            except TimeoutError:
-                self._fail("reading response: timeout after %gs" % self.opts.timeout)
-                return
-            except OSError as exc:
-                self._fail("reading response: %s" % _reason(exc))
-                return
-            if not chunk:
-                self._fail("reading response: EOF (connection closed by the server)")
+            chunk = self._recv(sock)
+            if chunk is None:
                 return
             n = len(chunk)
-            if expected[pos : pos + n] != chunk:
-                self._fail("validating response: %s" % _diagnose(expected, pos, chunk))
+            if not chunk or expected[pos : pos + n] != chunk:
+                # Off the fast path for good: the rest is checked line by line, as the reference does.
+                line_start = expected.rfind(b"\n", 0, pos) + 1
+                self._read_lines(sock, bytes(expected[line_start:pos]) + chunk, line_start, eof=not chunk)
                 return
             pos += n
             lines = chunk.count(b"\n")
@@ -292,32 +316,84 @@ class _Connection:
                 del expected[:pos]
                 pos = 0
 
+    def _recv(self, sock: gsocket.socket) -> bytes | None:
+        """One read; ``None`` (and the reference's error text set) when it failed."""
+        try:
+            return sock.recv(RECV_SIZE)
+        except OSError as exc:
+            self._fail("decoding response: %s" % io_error("read", exc, self.local, self.remote))
+            return None
 
-def _diagnose(expected: bytearray, pos: int, chunk: bytes) -> str:
-    """Why ``chunk`` (received at ``pos`` of the expected answer stream) is wrong."""
-    n = min(len(chunk), len(expected) - pos)
-    i = next((k for k in range(n) if chunk[k] != expected[pos + k]), n)
-    if pos + i >= len(expected):
-        return "unexpected data %r" % bytes(chunk[i : i + 80])
-    line_start = expected.rfind(b"\n", 0, pos + i) + 1
-    want_end = expected.find(b"\n", pos + i)
-    want = parse_line(bytes(expected[line_start:want_end]))
-    got_end = chunk.find(b"\n", i)
-    if got_end < 0 or want is None:
-        return "corrupted data"
-    got_line = bytes(expected[line_start:pos]) + chunk[:got_end]
-    got = parse_line(got_line)
-    if got is None:
-        return "undecodable answer %r" % got_line[:80]
-    if got.seq != want.seq:
-        return "unexpected seq %d (want %d) in %r" % (got.seq, want.seq, got_line[:80])
-    return "corrupted data"
+    def _read_lines(self, sock: gsocket.socket, buf: bytes, at: int, eof: bool) -> None:
+        """Check the answers line by line with ``check_line``; ``buf`` starts the answer due at ``expected[at:]``."""
+        total, expected = self.opts.requests, self.expected
+        while self.answers < total and self.error is None:
+            nl = buf.find(b"\n")
+            if nl < 0 and not eof:
+                chunk = self._recv(sock)
+                if chunk is None:
+                    return
+                eof = not chunk
+                buf += chunk
+                continue
+            if nl < 0 and not buf:
+                # Go's decoder gives an empty message (Seq 0) at EOF, so the reference blames the Seq.
+                self._fail("validating response: unexpected seq no")
+                return
+            line, buf = (buf[:nl], buf[nl + 1 :]) if nl >= 0 else (buf, b"")  # at EOF, the last line as it is
+            end = expected.find(b"\n", at)
+            for _ in range(1000):  # the writer appends the next request's answer as soon as it runs
+                if end >= 0 or self.sent >= total:
+                    break
+                gevent.sleep(0)
+                end = expected.find(b"\n", at)
+            if end < 0:
+                self._fail("validating response: unexpected seq no")  # an answer to no request
+                return
+            reason = check_line(line, bytes(expected[at:end]))
+            if reason is not None:
+                self._fail(reason)
+                return
+            at = end + 1
+            self.answers += 1
+            self.in_flight -= 1
+            self.progress.add(1)
+            self.room.set()
+            gevent.sleep(0)  # let the writer send the next request
 
 
-def _reason(exc: OSError) -> str:
-    if exc.strerror:
-        return exc.strerror.lower() if isinstance(exc, ConnectionError) else exc.strerror
-    return str(exc) or type(exc).__name__
+def check_line(line: bytes, want: bytes) -> str | None:
+    """The reference client's verdict on one answer ``line`` (no ``\\n``) where ``want`` was due; ``None``: accepted.
+
+    Its decoder, measured against client-linux: one trailing ``\\r`` is dropped,
+    the line is split on single spaces into 2 or 3 fields (Data may be absent);
+    the type must be REQ/ACK/NAK (its message shows an empty type, as Go's
+    does) and Seq a signed 64-bit decimal (``+1`` and ``01`` are 1). Then the
+    answer is validated: Seq, then type, then the hash.
+    """
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    fields = line.split(b" ")
+    if len(fields) < 2:
+        return "decoding response: not enough fields"
+    if len(fields) > 3:
+        return "decoding response: too many fields"
+    if fields[0] not in (b"REQ", b"ACK", b"NAK"):
+        return 'decoding response: bad type ""'
+    text = fields[1]
+    if not _GO_INT.fullmatch(text):
+        return "decoding response: bad seq: strconv.ParseInt: parsing %s: invalid syntax" % quote(text)
+    seq = int(text)
+    if not -(2**63) <= seq < 2**63:
+        return "decoding response: bad seq: strconv.ParseInt: parsing %s: value out of range" % quote(text)
+    want_type, want_seq, want_hash = want.split(b" ")
+    if seq != int(want_seq):
+        return "validating response: unexpected seq no"
+    if fields[0] != want_type:
+        return "validating response: unexpected response type"
+    if (fields[2] if len(fields) == 3 else b"") != want_hash:
+        return "validating response: corrupted data"
+    return None
 
 
 def run(opts: ClientOptions, out: TextIO | None = None) -> Result:
@@ -348,25 +424,40 @@ def run(opts: ClientOptions, out: TextIO | None = None) -> Result:
     return result
 
 
-def report(result: Result, out: TextIO, summary: bool = False) -> None:
-    """Print ``OK!`` or ``FAILED!`` and the ``Errors:`` block (and the JSON summary)."""
+def report(result: Result, out: TextIO, summary: bool = False, err: TextIO | None = None) -> None:
+    """``OK!`` or ``FAILED!`` on ``out``; on failure ``Errors:`` and one reason a line, unindented, on ``err``.
+
+    As the reference client: stdout carries the verdict, stderr (``err``,
+    default ``sys.stderr``) the reasons. The ``-summary`` JSON line follows on ``out``.
+    """
+    err = err or sys.stderr
     if result.ok:
         out.write("OK!\n")
     else:
-        out.write("FAILED!\nErrors:\n")
+        out.write("FAILED!\n")
+        out.flush()
         counts: dict[str, int] = {}
         for reason in result.errors:
             counts[reason] = counts.get(reason, 0) + 1
-        for reason, count in counts.items():
-            out.write("  %s%s\n" % (reason, " (%d connections)" % count if count > 1 else ""))
+        lines = [
+            "%s%s\n" % (reason, " (%d connections)" % count if count > 1 else "") for reason, count in counts.items()
+        ]
+        err.write("Errors:\n" + "".join(lines))
+        err.flush()
     if summary:
         out.write(json.dumps(result.summary()) + "\n")
     out.flush()
 
 
 def parse(argv: list[str] | None) -> tuple[ClientOptions, bool]:
-    """argv -> (options, summary flag); exits 2 on bad usage."""
+    """argv -> (options, summary flag); exits 2 on bad usage.
+
+    A ``-connect`` that Go's ``net`` refuses raises ``AddrError``: for the
+    reference that is not a usage error but a failed run (``dial tcp: address
+    abc: missing port in address``, exit 1), and ``main`` reports it so.
+    """
     opts = parse_cli(USAGE, argv, "foo-client")
+    host, port = split_host_port(opts["--connect"])
     try:
         seed_s = opts["--seed"]
         try:
@@ -374,7 +465,7 @@ def parse(argv: list[str] | None) -> tuple[ClientOptions, bool]:
         except ValueError:
             raise ConfigError("-seed: expected an integer, got %r" % seed_s) from None
         options = ClientOptions(
-            address=parse_address(opts["--connect"], "-connect"),
+            address=Address(host, port),
             requests=positive_int(opts["--requests"], "-requests", allow_zero=True),
             window=positive_int(opts["--window"], "-window"),
             conns=positive_int(opts["--conns"], "-conns"),
@@ -390,7 +481,11 @@ def parse(argv: list[str] | None) -> tuple[ClientOptions, bool]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run foo-client; returns 0 on OK!, 1 on FAILED!, 2 on bad usage."""
-    options, summary = parse(argv)
+    try:
+        options, summary = parse(argv)
+    except AddrError as exc:
+        report(Result(errors=["dial tcp: %s" % exc], expected=1), sys.stdout)
+        return 1
     result = run(options)
     report(result, sys.stdout, summary)
     return 0 if result.ok else 1

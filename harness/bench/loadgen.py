@@ -31,7 +31,7 @@ Python use (``harness.bench``)::
     gen.start()          # workers spawned, connected, waiting
     result = gen.run()   # go, wait, merge the workers' reports
 
-Command line: ``python -m harness.loadgen -connect 127.0.0.1:8002 -conns 8
+Command line: ``python -m harness.bench.loadgen -connect 127.0.0.1:8002 -conns 8
 -window 64 -size 32 -duration 10`` prints a JSON summary.
 """
 
@@ -53,7 +53,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from harness.answer import answer
+from harness.peers.answer import answer
 
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz0123456789"
 _TO_ALPHABET = bytes(ALPHABET[b % len(ALPHABET)] for b in range(256))
@@ -548,7 +548,7 @@ class LoadGen:
         nprocs = max(1, min(spec.procs, spec.conns))
         shares = [spec.conns // nprocs + (1 if i < spec.conns % nprocs else 0) for i in range(nprocs)]
         for i, share in enumerate(shares):
-            cmd = [sys.executable, "-m", "harness.loadgen", "--worker", "-connect", spec.address]
+            cmd = [sys.executable, "-m", "harness.bench.loadgen", "--worker", "-connect", spec.address]
             cmd += ["-conns", str(share), "-window", str(spec.window), "-size", str(spec.size)]
             cmd += ["-duration", str(spec.duration), "-churn", str(spec.churn)]
             cmd += ["-io-timeout", str(spec.io_timeout), "-seed", str(spec.seed + i), "-rate", str(spec.rate)]
@@ -653,7 +653,7 @@ def _quantile(values: list[float], q: float) -> float:
 # -- command line ------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Flags, Go style (``-conns 8``) or GNU style (``--conns 8``)."""
-    p = argparse.ArgumentParser(prog="python -m harness.loadgen", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.bench.loadgen", description=__doc__.split("\n\n")[0])
     p.add_argument("-connect", "--connect", default="127.0.0.1:8001", help="server or proxy host:port")
     p.add_argument("-conns", "--conns", type=int, default=8, help="connections")
     p.add_argument("-window", "--window", type=int, default=1, help="requests in flight per connection")

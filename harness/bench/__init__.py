@@ -1,0 +1,1 @@
+"""Load through fooproxy: ``make bench`` (bench, loadgen) and ``make load`` (swarm, locustfile)."""
