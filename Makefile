@@ -31,7 +31,7 @@ e2e: $(STAMP)  ## end to end through the installed CLIs (reference binaries if F
 load: $(STAMP)  ## locust swarm through fooproxy, stats side by side
 	$(BIN)/foo-harness swarm $(LOAD_ARGS)
 
-bench: $(STAMP)  ## direct vs through-proxy benchmark table
+bench: $(STAMP)  ## direct vs HAProxy vs fooproxy benchmark table (BENCH_ARGS="--rounds 3", "--no-haproxy", ...)
 	$(BIN)/foo-harness bench $(BENCH_ARGS)
 
 demo: $(STAMP)  ## the whole product in one command

@@ -6,11 +6,24 @@ in batches (up to ``-window`` in flight per connection), answers are read in
 large chunks and checked by one C-level comparison of the chunk with the
 precomputed answer stream (so every byte of every answer is verified: seq,
 type and hash), then counted with ``bytes.count``. Latency is measured per
-send batch (every request in lockstep, one per batch when pipelined).
+send batch (every request in lockstep, one per batch when pipelined), from
+``time.perf_counter`` (CLOCK_MONOTONIC on Linux) at the send to the wake-up
+that read the answer.
 
 Modes: lockstep/pipelined (``-window``), churn (``-churn K``: a new connection
-every K requests) and hold (``-hold``: open ``-conns`` connections, one
-exchange each, then stay idle until released), which the memory workload uses.
+every K requests), paced (``-rate R``: lockstep at R requests per second per
+connection on a fixed schedule, for the latency workload) and hold (``-hold``:
+open ``-conns`` connections, one exchange each, then stay idle until
+released), which the memory workload uses.
+
+Paced is an open loop: request k of a connection is due at its phase + k/R
+whatever the answers did, and a connection waits for that time, not for
+the previous answer alone. Far below saturation every answer is back before
+the next request is due, so the latency is one request's round trip with
+nothing queued ahead of it. A send more than one interval behind its schedule
+(the previous answer came too late, or the generator woke too late) counts
+as ``late`` and restarts that connection's schedule from now, so a slow
+path is reported rather than hidden by a burst of catch-up requests.
 
 Python use (``harness.bench``)::
 
@@ -73,7 +86,20 @@ def make_blocks(size: int, seed: int = 1, n: int = BLOCK) -> tuple[bytes, array,
 
 # -- the worker: one epoll loop ----------------------------------------------------
 class _Conn:
-    __slots__ = ("sock", "fd", "sent", "answered", "exp", "out", "lat", "last_rx", "limit", "connecting", "dead")
+    __slots__ = (
+        "sock",
+        "fd",
+        "sent",
+        "answered",
+        "exp",
+        "out",
+        "lat",
+        "last_rx",
+        "limit",
+        "connecting",
+        "dead",
+        "due",
+    )
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self.sock = sock
@@ -87,6 +113,7 @@ class _Conn:
         self.limit = limit  # requests before a churn reconnect (0: none)
         self.connecting = True
         self.dead = False
+        self.due = 0.0  # paced: perf_counter time the next request is due
 
 
 class Worker:
@@ -97,6 +124,12 @@ class Worker:
         self.addr = (self.host.strip("[]") or "127.0.0.1", int(port))
         self.conns, self.window, self.churn = args.conns, max(1, args.window), args.churn
         self.duration, self.io_timeout, self.hold = args.duration, args.io_timeout, args.hold
+        # Paced (-rate): lockstep on a schedule, one request per interval per connection.
+        self.interval = 1.0 / args.rate if args.rate > 0 else 0.0
+        if self.interval:
+            self.window = 1
+        self.seed = args.seed
+        self.late = 0  # paced sends more than one interval behind their schedule
         self.reqs, self.roff, answers, self.aoff = make_blocks(args.size, args.seed)
         self.reqmv = memoryview(self.reqs)
         self.alen = len(answers)
@@ -164,6 +197,9 @@ class Worker:
         """Send requests until ``window`` are in flight (or the churn limit is reached)."""
         if c.out is not None or self.stopping:
             return
+        if self.interval:
+            self.fill_paced(c)
+            return
         target = c.answered + self.window
         if c.limit and target > c.limit:
             target = c.limit
@@ -180,6 +216,44 @@ class Worker:
         c.sent += j - i
         c.lat.append((c.sent - (j - i) + 1, now))
         self.send(c, self.reqmv[self.roff[i] : self.roff[j]])
+
+    def fill_paced(self, c: _Conn) -> None:
+        """Send ``c``'s next request if it is due and nothing is in flight (``-rate``)."""
+        if c.sent != c.answered or (c.limit and c.sent >= c.limit):
+            return
+        now = time.perf_counter()
+        if now < c.due:
+            return
+        if now - c.due > self.interval:
+            self.late += 1
+            c.due = now  # restart the schedule: no burst of catch-up requests
+        c.due += self.interval
+        i = c.sent % BLOCK
+        c.last_rx = now
+        c.sent += 1
+        c.lat.append((c.sent, now))
+        self.send(c, self.reqmv[self.roff[i] : self.roff[i + 1]])
+
+    def pace(self) -> float:
+        """Paced: send what is due; return the seconds until the next request is due (at most 0.05)."""
+        wait = 0.05
+        now = time.perf_counter()
+        for c in list(self.by_fd.values()):
+            if c.connecting or c.dead or c.out is not None or c.sent != c.answered:
+                continue
+            if c.due <= now:
+                self.fill_paced(c)
+            elif c.due - now < wait:
+                wait = c.due - now
+        return wait
+
+    def start_schedule(self) -> None:
+        """Paced: spread the connections' first requests evenly over one interval (random offset per worker)."""
+        conns = [c for c in self.by_fd.values() if not c.connecting]
+        offset = random.Random(self.seed).random()
+        t0 = time.perf_counter()
+        for j, c in enumerate(conns):
+            c.due = t0 + self.interval * ((j + offset) / max(1, len(conns)))
 
     def send(self, c: _Conn, buf: memoryview) -> None:
         try:
@@ -266,6 +340,8 @@ class Worker:
         ready()
         wait_go()
         cpu0, t0 = _cpu(), time.monotonic()
+        if self.interval:
+            self.start_schedule()
         if not self.hold:
             for c in list(self.by_fd.values()):
                 self.fill(c)
@@ -296,6 +372,7 @@ class Worker:
             "sent_in_window": snap[0],
             "answered_in_window": snap[1],
             "naks": self.naks,
+            "late": self.late,
             "errors": self.error_count,
             "error_texts": self.errors,
             "conns_opened": self.opened,
@@ -337,10 +414,14 @@ class Worker:
         poll, by_fd = self.ep.poll, self.by_fd
         epollin, epollout, monotonic = select.EPOLLIN, select.EPOLLOUT, time.monotonic
         next_check = monotonic() + 0.25
+        paced = bool(self.interval)
+        wait = 0.05
         while True:
             if self.pending_connects and not self.stopping:
                 self.start_connects()
-            for fd, mask in poll(0.05):
+            if paced and not self.stopping:
+                wait = self.pace()  # epoll rounds the wait up to a whole ms; latency is timed from the send
+            for fd, mask in poll(wait):
                 c = by_fd.get(fd)
                 if c is None:
                     continue
@@ -411,6 +492,7 @@ class LoadSpec:
     io_timeout: float = 5.0
     hold: bool = False
     seed: int = 1
+    rate: float = 0.0  # paced: requests per second per connection (0: as fast as answers come)
 
 
 @dataclass
@@ -424,6 +506,7 @@ class LoadResult:
     sent_in_window: int = 0
     answered_in_window: int = 0
     naks: int = 0
+    late: int = 0
     errors: int = 0
     error_texts: list[str] = field(default_factory=list)
     conns_opened: int = 0
@@ -468,7 +551,7 @@ class LoadGen:
             cmd = [sys.executable, "-m", "harness.bench.loadgen", "--worker", "-connect", spec.address]
             cmd += ["-conns", str(share), "-window", str(spec.window), "-size", str(spec.size)]
             cmd += ["-duration", str(spec.duration), "-churn", str(spec.churn)]
-            cmd += ["-io-timeout", str(spec.io_timeout), "-seed", str(spec.seed + i)]
+            cmd += ["-io-timeout", str(spec.io_timeout), "-seed", str(spec.seed + i), "-rate", str(spec.rate)]
             cmd += ["-hold"] if spec.hold else []
             self.procs.append(
                 subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
@@ -547,7 +630,7 @@ def merge(spec: LoadSpec, reports: list[dict[str, Any]]) -> LoadResult:
     lat: list[float] = []
     for rep in reports:
         r.elapsed_s = max(r.elapsed_s, rep.get("elapsed_s", 0.0))
-        for name in ("sent", "answered", "sent_in_window", "answered_in_window", "naks", "errors"):
+        for name in ("sent", "answered", "sent_in_window", "answered_in_window", "naks", "late", "errors"):
             setattr(r, name, getattr(r, name) + rep.get(name, 0))
         r.conns_opened += rep.get("conns_opened", 0)
         r.held += rep.get("held", 0)
@@ -580,6 +663,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-procs", "--procs", type=int, default=2, help="worker processes")
     p.add_argument("-io-timeout", "--io-timeout", type=float, default=5.0, help="longest wait for an answer")
     p.add_argument("-seed", "--seed", type=int, default=1, help="seed of the request data")
+    p.add_argument("-rate", "--rate", type=float, default=0.0, help="paced lockstep: requests/s per connection")
     p.add_argument("-hold", "--hold", action="store_true", help="open, one exchange, hold until stdin closes")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -591,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         return worker_main(args)
     spec = LoadSpec(args.connect, args.conns, args.window, args.size, min(args.duration, 600.0), args.churn, args.procs)
-    spec.io_timeout = args.io_timeout
+    spec.io_timeout, spec.rate = args.io_timeout, args.rate
     gen = LoadGen(spec)
     try:
         gen.start()
