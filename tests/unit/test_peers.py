@@ -73,7 +73,6 @@ def test_seq_is_normalised_in_hash_and_answer(line, normal):
     "line",
     [
         b"REQ 1 x y z",  # spaces in data
-        b"REQ 1 x\ty",  # tab in data
         b"REQ\t1 x",  # tab as separator
         b"REQ  1 x",  # double space
         b"REQ 1  x",
