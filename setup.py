@@ -22,6 +22,8 @@ setup(
             "locust>=2.20,<3",
             "ruff>=0.5,<1",
         ],
+        # Coverage-guided fuzzing (make fuzz); atheris ships manylinux wheels for CPython 3.11.
+        "fuzz": ["atheris>=2.3,<3"],
     },
     entry_points={
         "console_scripts": [
