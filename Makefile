@@ -6,12 +6,12 @@ STAMP  := $(VENV)/.installed
 export FOO_BIN_DIR ?= bin
 export GEVENT_MONITOR_THREAD_ENABLE ?= 1
 
-.PHONY: install test unit integration e2e load bench demo lint tox clean
+.PHONY: install test unit integration e2e load bench demo lint tox fuzz clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[test,load,lint,hosts]'
+	$(BIN)/pip install -e '.[test,load,lint,hosts,fuzz]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install fooproxy with everything make test, load and lint need
@@ -37,6 +37,17 @@ bench: $(STAMP)  ## direct vs HAProxy vs fooproxy benchmark table (BENCH_ARGS="-
 demo: $(STAMP)  ## the whole product in one command
 	$(BIN)/foo-harness demo
 
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := counter recovery
+fuzz: $(STAMP)  ## atheris: each fuzz/fuzz_<target>.py for FUZZ_SECONDS, new inputs in .fuzz/<target>, crashes in .fuzz/
+	$(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/pip install -e '.[test,fuzz]'
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p .fuzz/$$t; \
+		echo "fuzz $$t for $(FUZZ_SECONDS) s"; \
+		$(BIN)/python fuzz/fuzz_$$t.py .fuzz/$$t fuzz/corpus/$$t -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=.fuzz/$$t- -print_final_stats=1 $(FUZZ_ARGS) || exit 1; \
+	done
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -46,4 +57,4 @@ tox: $(STAMP)  ## the tox matrix (TOX_ARGS="-e py312-gevent-min" for one env); p
 	PYENV_VERSION=$${PYENV_VERSION:-3.11:3.12:3.13} $(BIN)/tox $(TOX_ARGS)
 
 clean:
-	rm -rf $(VENV) .tox build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tox build *.egg-info .pytest_cache .ruff_cache .fuzz

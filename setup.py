@@ -30,6 +30,8 @@ setup(
         ],
         # ssh:// hosts of harness.hosts (foo-harness swarm --inventory); imported only for them.
         "hosts": ["fabric>=3,<4"],
+        # Coverage-guided fuzzing (make fuzz); atheris ships manylinux wheels for CPython 3.11.
+        "fuzz": ["atheris>=2.3,<3"],
     },
     entry_points={
         "console_scripts": [

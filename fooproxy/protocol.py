@@ -1,10 +1,17 @@
 """The Foo message grammar, in one place.
 
-``parse_line`` decodes one line the way the reference server does (strict:
-single spaces, two or three fields, Seq a signed 64-bit integer, a trailing
-``\\r`` stripped). ``MessageCounter`` counts whole messages in a byte stream of
-any segmentation, per chunk, with C-level scanning (``bytes.find`` and one
-regular expression) instead of a Python loop per message.
+``parse_line`` decodes one line the way the reference server does (measured
+against ``server-linux``, see ``foo-protocol.md``): at most two trailing ``\\r``
+are dropped, the rest is split on the space byte alone into two or three
+fields: Type ``REQ``/``ACK``/``NAK``, Seq a signed 64-bit decimal integer
+(optional ``+``/``-``, leading zeros allowed), Data any bytes but space and
+newline (possibly empty). ``MessageCounter`` counts whole messages in a byte
+stream of any segmentation, per chunk, with C-level scanning (``bytes.find``
+and one regular expression) instead of a Python loop per message.
+
+A Seq is never converted with ``int()`` before its digit string is known to fit
+in int64: Python refuses ``int()`` of more than 4,300 digits, and any client
+may send a line of 65,000 digits.
 """
 
 from __future__ import annotations
@@ -15,19 +22,28 @@ from typing import NamedTuple
 REQ, ACK, NAK = b"REQ", b"ACK", b"NAK"
 TYPES = (REQ, ACK, NAK)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+#: int64's bounds as digit strings, to decide range from the digits (equal length
+#: decimal strings compare like the numbers they write).
+_MAX_DIGITS, _MIN_DIGITS = b"%d" % INT64_MAX, b"%d" % -INT64_MIN
 
 #: The reference server stops handling a connection on a longer line (newline included).
 MAX_LINE = 65536
 
-# A whole valid message line, newline included. Seq is limited to 18
-# significant digits here, which always fits in int64; the rare longer ones go
-# through ``_BIG_SEQ_RE`` and an exact check. Data: one or more bytes with no
-# whitespace. The only capture is the type, so ``findall`` yields one small
-# bytes object per valid message and nothing else.
-_LINE_RE = re.compile(rb"^(REQ|ACK|NAK) [+-]?0*[0-9]{1,18}(?: [^\s]+)?\r?\n", re.M)
+# A whole valid message line, newline included, as the reference decodes it:
+# either ``Type Seq`` followed by at most two ``\r`` (the reference drops two,
+# a third is part of Seq and makes it invalid), or ``Type Seq Data`` where Data
+# is any run of bytes but space and newline (``\r`` and tabs included; its
+# trailing ``\r`` may be dropped or kept, Data stays valid either way).
+# Seq is limited to 18 significant digits here, which always fits in int64; the
+# rare longer ones go through ``_BIG_SEQ_RE`` and an exact check. The
+# possessive ``0*+`` / ``{0,18}+`` (and the lookahead that asks for a digit)
+# keep a line of thousands of zeros linear: no backtracking into the digits.
+# The only capture is the type, so ``findall`` yields one small bytes object
+# per valid message and nothing else.
+_LINE_RE = re.compile(rb"^(REQ|ACK|NAK) [+-]?(?=[0-9])0*+[0-9]{0,18}+(?: [^ \n]*+|\r{0,2})\n", re.M)
 _match_line = _LINE_RE.match
-_BIG_SEQ_RE = re.compile(rb"^(?:REQ|ACK|NAK) [+-]?0*[1-9][0-9]{18}", re.M)
-_FULL_RE = re.compile(rb"(REQ|ACK|NAK) ([+-]?[0-9]+)(?: ([^\s]+))?")
+# A line whose Seq has 19 or more significant digits: maybe valid, decided by parse_line.
+_BIG_SEQ_RE = re.compile(rb"^(?:REQ|ACK|NAK) [+-]?0*+[1-9][0-9]{18}", re.M)
 
 
 class Message(NamedTuple):
@@ -38,19 +54,51 @@ class Message(NamedTuple):
     data: bytes
 
 
+def parse_seq(field: bytes) -> int | None:
+    """A Seq field as the reference's ``strconv.ParseInt(field, 10, 64)`` reads it; ``None`` if invalid.
+
+    Range is decided on the digit string (sign and leading zeros stripped), so
+    ``int()`` only ever sees at most 19 digits.
+    """
+    negative = field[:1] == b"-"
+    digits = field[1:] if negative or field[:1] == b"+" else field
+    if not digits.isdigit():  # bytes.isdigit: ASCII digits only, and at least one
+        return None
+    significant = digits.lstrip(b"0")
+    if len(significant) >= 19:
+        limit = _MIN_DIGITS if negative else _MAX_DIGITS
+        if len(significant) > 19 or significant > limit:
+            return None
+    value = int(significant) if significant else 0
+    return -value if negative else value
+
+
 def parse_line(line: bytes) -> Message | None:
     """Decode one line (with or without its ``\\n``); ``None`` if it is not a Foo message."""
     if line.endswith(b"\n"):
         line = line[:-1]
+    # The reference drops one trailing \r when it splits lines and one more when
+    # it decodes the line (two bufio.ScanLines passes): exactly two, not all.
     if line.endswith(b"\r"):
         line = line[:-1]
-    m = _FULL_RE.fullmatch(line)
-    if m is None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+    if b"\n" in line:
         return None
-    seq = int(m.group(2))
-    if not INT64_MIN <= seq <= INT64_MAX:
+    fields = line.split(b" ", 3)  # a fourth field is enough to reject; never split a long line fully
+    if len(fields) == 2:
+        data = b""
+    elif len(fields) == 3:
+        data = fields[2]
+    else:
         return None
-    return Message(m.group(1), seq, m.group(3) or b"")
+    msg_type = fields[0]
+    if msg_type not in TYPES:
+        return None
+    seq = parse_seq(fields[1])
+    if seq is None:
+        return None
+    return Message(msg_type, seq, data)
 
 
 class Counts(NamedTuple):
@@ -95,7 +143,7 @@ def count_lines(buf: bytes | bytearray, start: int, end: int) -> Tally:
     if valid == lines == 1:  # lockstep traffic: one message per chunk
         return _ONE_LINE[types[0]]
     req, ack, nak = types.count(REQ), types.count(ACK), types.count(NAK)
-    # Lines with 19 significant Seq digits were rejected above; decide them exactly.
+    # Lines with 19 or more significant Seq digits were rejected above; decide them exactly.
     if valid < lines and _BIG_SEQ_RE.search(buf, start, end) is not None:
         for m in _BIG_SEQ_RE.finditer(buf, start, end):
             eol = buf.find(b"\n", m.start(), end)
@@ -144,7 +192,8 @@ class MessageCounter:
         if self._oversized or len(self._partial) + cut > MAX_LINE:
             first: Tally = (0, 0, 0, 1)
         else:
-            first = _classify(self._partial + chunk[:cut])
+            line = self._partial + chunk[:cut]
+            first = count_lines(line, 0, len(line))  # the C-speed path for the finished line too
         self._partial = b""
         self._oversized = False
         counts = count_lines(chunk, cut, last + 1) if cut <= last else ZERO
