@@ -90,11 +90,6 @@ def test_counter_target_catches_a_broken_counter(tmp_path):
     assert proc.returncode != 0 and "contract says" in output, output[-2000:]
 
 
-@pytest.mark.xfail(
-    reason="issue 16 recovery defects found by fuzz_recovery (RecursionError, OverflowError, sums past int64);"
-    " recovery.py is being fixed on another branch: drop this mark once that is merged",
-    strict=False,
-)
 @pytest.mark.parametrize("finding", sorted(p.name for p in (FUZZ / "findings" / "recovery").iterdir()))
 def test_recovery_findings_are_fixed(finding):
     proc = run_target("recovery", [str(FUZZ / "findings" / "recovery" / finding)], timeout=60)

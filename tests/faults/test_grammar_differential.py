@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from fooproxy.protocol import parse_line
 from harness import tasks
-from harness.answer import answer_for
 from harness.binaries import BIN_DIR_ENV, Peers, bin_dir, reference_server
+from harness.peers.answer import answer_for
 from tests.unit.test_protocol import DECODED, INVALID
 
 ERRDECODE = b"NAK 0 ERRDECODE\n"
