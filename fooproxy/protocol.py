@@ -102,7 +102,11 @@ def parse_line(line: bytes) -> Message | None:
 
 
 class Counts(NamedTuple):
-    """Complete lines finished by one chunk, by kind."""
+    """Complete lines finished by one chunk, by kind: what ``count_lines`` and ``feed`` return.
+
+    The hot path never builds one per lockstep message: a one-line chunk returns one
+    of the prebuilt ``_ONE`` values; only a chunk of several lines builds a new one.
+    """
 
     req: int = 0
     ack: int = 0
@@ -120,19 +124,15 @@ ZERO = Counts()
 def _classify(line: bytes) -> Counts:
     msg = parse_line(line)
     if msg is None:
-        return Counts(invalid=1)
+        return _ONE_INVALID
     return _ONE[msg.type]
 
 
 _ONE = {REQ: Counts(req=1), ACK: Counts(ack=1), NAK: Counts(nak=1)}
+_ONE_INVALID = Counts(invalid=1)
 
 
-#: What ``count_lines``/``feed`` return: plain tuples, cheaper than ``Counts`` on the hot path.
-Tally = tuple[int, int, int, int]
-_ONE_LINE: dict[bytes, Tally] = {REQ: (1, 0, 0, 0), ACK: (0, 1, 0, 0), NAK: (0, 0, 1, 0)}
-
-
-def count_lines(buf: bytes | bytearray, start: int, end: int) -> Tally:
+def count_lines(buf: bytes | bytearray, start: int, end: int) -> Counts:
     """Count the complete lines in ``buf[start:end]`` (which must end with ``\\n``).
 
     Returns ``(req, ack, nak, invalid)``. ``start`` must be 0 or just after a ``\\n``.
@@ -141,7 +141,7 @@ def count_lines(buf: bytes | bytearray, start: int, end: int) -> Tally:
     lines = buf.count(b"\n", start, end)
     valid = len(types)
     if valid == lines == 1:  # lockstep traffic: one message per chunk
-        return _ONE_LINE[types[0]]
+        return _ONE[types[0]]
     req, ack, nak = types.count(REQ), types.count(ACK), types.count(NAK)
     # Lines with 19 or more significant Seq digits were rejected above; decide them exactly.
     if valid < lines and _BIG_SEQ_RE.search(buf, start, end) is not None:
@@ -149,7 +149,7 @@ def count_lines(buf: bytes | bytearray, start: int, end: int) -> Tally:
             eol = buf.find(b"\n", m.start(), end)
             c = _classify(bytes(buf[m.start() : eol]))
             req, ack, nak = req + c.req, ack + c.ack, nak + c.nak
-    return (req, ack, nak, lines - req - ack - nak)
+    return Counts(req, ack, nak, lines - req - ack - nak)
 
 
 class MessageCounter:
@@ -171,7 +171,7 @@ class MessageCounter:
         """True while an unfinished line is open (no newline seen yet)."""
         return bool(self._partial) or self._oversized
 
-    def feed(self, chunk: bytes) -> Tally:
+    def feed(self, chunk: bytes) -> Counts:
         """Account for ``chunk``; return ``(req, ack, nak, invalid)`` lines it completed."""
         last = chunk.rfind(b"\n")
         if last < 0:
@@ -183,14 +183,14 @@ class MessageCounter:
             if last + 1 == size:
                 m = _match_line(chunk)
                 if m is not None and m.end() == size:  # exactly one valid message
-                    return _ONE_LINE[m.group(1)]
+                    return _ONE[m.group(1)]
                 return count_lines(chunk, 0, size)
             counts = count_lines(chunk, 0, last + 1)
             self._extend(chunk[last + 1 :])
             return counts
         cut = chunk.find(b"\n") + 1
         if self._oversized or len(self._partial) + cut > MAX_LINE:
-            first: Tally = (0, 0, 0, 1)
+            first = _ONE_INVALID
         else:
             line = self._partial + chunk[:cut]
             first = count_lines(line, 0, len(line))  # the C-speed path for the finished line too
@@ -199,7 +199,7 @@ class MessageCounter:
         counts = count_lines(chunk, cut, last + 1) if cut <= last else ZERO
         if last + 1 < size:
             self._extend(chunk[last + 1 :])
-        return (counts[0] + first[0], counts[1] + first[1], counts[2] + first[2], counts[3] + first[3])
+        return Counts(counts[0] + first[0], counts[1] + first[1], counts[2] + first[2], counts[3] + first[3])
 
     def _extend(self, piece: bytes) -> None:
         if self._oversized:
