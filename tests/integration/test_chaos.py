@@ -23,6 +23,9 @@ from gevent import socket
 from tests.helpers import read_lines, wait_until
 
 DURATION = 3.0
+#: Well-behaved client runs the crowd must have checked, and the longest it may take to get there.
+MIN_GOOD = 100
+HARD_LIMIT = 30.0
 CLIENTS = 60
 
 
@@ -107,15 +110,17 @@ def test_a_crowd_of_misbehaving_clients(mini_server, proxy_for, caplog):
 
     def client(i: int) -> None:
         rng = random.Random(i)
-        deadline = time.monotonic() + DURATION
-        while time.monotonic() < deadline:
+        start = time.monotonic()
+        # At least DURATION, and on until MIN_GOOD well-behaved runs have been checked (a
+        # loaded machine is slower, not exempt), but never past HARD_LIMIT.
+        while (now := time.monotonic()) - start < DURATION or (good[0] <= MIN_GOOD and now - start < HARD_LIMIT):
             ok = rng.choice(BEHAVIOURS)(d.address, rng)  # switches: add after, not around it
             good[0] += ok
 
     try:
         with caplog.at_level(logging.WARNING, logger="fooproxy"):
             crowd = [gevent.spawn(client, i) for i in range(CLIENTS)]
-            gevent.joinall(crowd, timeout=DURATION + 20, raise_error=True)
+            gevent.joinall(crowd, timeout=HARD_LIMIT + 20, raise_error=True)
             assert all(g.dead for g in crowd)
             assert wait_until(lambda: d.snapshot().totals["connections_active"] == 0, timeout=10)
     finally:
@@ -123,5 +128,5 @@ def test_a_crowd_of_misbehaving_clients(mini_server, proxy_for, caplog):
     assert errors.getvalue() == "", errors.getvalue()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     totals = d.snapshot().totals
-    assert good[0] > 100 and totals["connections_total"] > good[0]
+    assert good[0] > MIN_GOOD and totals["connections_total"] > good[0]
     assert not d.proxy.sessions and d.proxy.open_count == 0
