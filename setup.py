@@ -21,6 +21,8 @@ setup(
             "pytest>=8,<10",
             "hypothesis>=6.100,<7",
             "build>=1.0,<2",
+            # gevent's monitor thread (GEVENT_MONITOR_THREAD_ENABLE, on in tests) warns on stderr without it.
+            "psutil>=5.9,<8",
         ],
         "load": [
             "locust>=2.20,<3",
