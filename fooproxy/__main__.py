@@ -1,6 +1,24 @@
-"""The ``fooproxy`` command. Monkey-patches first, before anything else is imported."""
+"""The ``fooproxy`` command. Monkey-patches first, before anything else is imported.
 
-from gevent import monkey
+Even before that, the signals whose default action would kill the process
+and that an operator sends at any time (SIGUSR2 for the stats; SIGUSR1 and
+SIGHUP, which must never cost data) are ignored: importing gevent and the
+proxy takes 0.1 s or more, and until ``Services.start`` installs the real
+handlers, the default action of each of them is to terminate. SIG_IGN costs
+nothing and is replaced by gevent's handlers; ``_signal`` is the interpreter's
+built-in module (``signal`` would import ``enum`` first). What is left is the
+interpreter's own start-up, before any code of ours runs (see the README).
+The console script imports ``fooproxy`` (``__init__.py``, which imports
+nothing) and then this module, as ``python -m fooproxy`` does: this is the
+first statement of ours either way.
+"""
+
+import _signal
+
+for _signum in (_signal.SIGUSR2, _signal.SIGUSR1, _signal.SIGHUP):
+    _signal.signal(_signum, _signal.SIG_IGN)
+
+from gevent import monkey  # noqa: E402
 
 monkey.patch_all()
 

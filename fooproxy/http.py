@@ -48,7 +48,7 @@ from prometheus_client.registry import CollectorRegistry
 from fooproxy.config import Address
 from fooproxy.listeners import StartupError, bind
 from fooproxy.metrics import GetExtra, GetSnapshot, make_registry
-from fooproxy.proxy import RepeatFilter
+from fooproxy.ratelimit import RepeatFilter
 
 GetHealth = Callable[[], "tuple[bool, dict[str, Any]]"]
 StartResponse = Callable[..., Any]

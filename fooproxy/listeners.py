@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import errno
+import logging
+import resource
 import socket as _stdsocket
+import time
 
+import gevent
 from gevent import socket
 
 from fooproxy.config import Address
+from fooproxy.ratelimit import RepeatFilter
 
 
 class StartupError(RuntimeError):
@@ -94,3 +99,67 @@ def _describe(exc: OSError, address: Address, what: str) -> str:
     if exc.errno == errno.EACCES:
         return "cannot %s on %s: permission denied" % (what, address)
     return "cannot %s on %s: %s" % (what, address, exc.strerror or exc)
+
+
+#: accept() errors that mean "out of descriptors or kernel memory for now", not a broken listener.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class AcceptPause:
+    """What a gevent server does when accept() fails for lack of descriptors (EMFILE) or memory.
+
+    gevent's own handling prints a full traceback for each failed accept, one
+    per waiting client, and retries with a backoff of up to 1 s. Here the
+    server (whose ``do_read`` calls ``handles``) stops watching its listener,
+    says so once per period with a count (``RepeatFilter``), and looks again
+    after ``MIN_DELAY``, doubling up to ``MAX_DELAY`` while it keeps failing
+    (10 tries a second at most, back to ``MIN_DELAY`` after a second without
+    a failure), so it accepts again within 0.1 s of a descriptor freeing up. Meanwhile
+    the clients wait in the kernel's accept backlog; none is refused by us.
+    The server's ``stop_accepting`` calls ``cancel`` (a drain ends the pause).
+    """
+
+    MIN_DELAY = 0.01
+    MAX_DELAY = 0.1
+
+    def __init__(self, server, logger: logging.Logger) -> None:
+        self.server = server
+        self.warnings = RepeatFilter(logger)
+        self.delay = self.MIN_DELAY
+        #: Failed accepts since start (each one a client left waiting in the backlog a little longer).
+        self.failures = 0
+        self._timer = None
+        self._last_failure = 0.0
+
+    def handles(self, exc: OSError) -> bool:
+        """True if ``exc`` is a resource error, now handled (paused); False: not ours, re-raise it."""
+        if exc.errno not in RESOURCE_ERRNOS:
+            return False
+        now = time.monotonic()
+        if now - self._last_failure > 1.0:  # a new episode, not a retry that failed again
+            self.delay = self.MIN_DELAY
+        self._last_failure = now
+        self.failures += 1
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.warnings.warn(
+            "accept",
+            "cannot accept a client: %s (descriptor limit %d, ulimit -n); clients wait in the backlog"
+            % (exc.strerror or exc, soft),
+        )
+        self.server.stop_accepting()  # cancels a pending retry too
+        self._timer = gevent.get_hub().loop.timer(self.delay)
+        self._timer.start(self._retry)
+        self.delay = min(self.MAX_DELAY, self.delay * 2)
+        return True
+
+    def _retry(self) -> None:
+        self._timer.close()
+        self._timer = None
+        server = self.server
+        if server.started and not server.full():
+            server.start_accepting()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None

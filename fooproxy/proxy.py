@@ -13,7 +13,9 @@ from gevent.socket import socket
 
 from fooproxy.config import Config
 from fooproxy.databus import SHUT_DOWN, DataBus
+from fooproxy.listeners import AcceptPause
 from fooproxy.pool import UpstreamPool
+from fooproxy.ratelimit import RepeatFilter
 from fooproxy.stats import Stats
 from fooproxy.upstream import Connector, HubConnect, UpstreamError
 
@@ -37,26 +39,6 @@ def connector_for(config: Config, stats: Stats) -> Connector:
         config.pool_idle,
         on_change=pool_gauges,
     )
-
-
-class RepeatFilter:
-    """Say a recurring error once, then how often it recurred, at most every ``period`` s."""
-
-    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
-        self.logger = logger
-        self.period = period
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warn(self, key: str, message: str) -> None:
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self.period:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        again = self._suppressed.pop(key, 0)
-        self._last[key] = now
-        self.logger.warning("%s%s", message, " (and %d more times)" % again if again else "")
 
 
 class Proxy(StreamServer):
@@ -92,6 +74,8 @@ class Proxy(StreamServer):
         self.connector = connector
         #: Rate-limited warnings about clients that got no upstream (the stat is ``upstream_errors``).
         self.upstream_warnings = RepeatFilter(log)
+        #: accept() out of descriptors: one warning per period, a short pause, no traceback.
+        self.accept_pause = AcceptPause(self, log)
         self.sessions: set[DataBus] = set()
         self.connecting: set[HubConnect] = set()
         self.open_count = 0
@@ -104,6 +88,19 @@ class Proxy(StreamServer):
     # -- admission (BaseServer hooks) ----------------------------------------
     def full(self) -> bool:
         return self.open_count >= self.config.max_conns
+
+    def do_read(self):
+        """Accept one client; out of descriptors (EMFILE), pause instead of gevent's traceback."""
+        try:
+            return super().do_read()
+        except OSError as exc:
+            if not self.accept_pause.handles(exc):
+                raise
+            return None
+
+    def stop_accepting(self) -> None:
+        super().stop_accepting()
+        self.accept_pause.cancel()
 
     def do_handle(self, client: socket, address: tuple) -> None:
         """In the accept callback: connect from here, or spawn ``handle`` when that may wait."""

@@ -44,15 +44,23 @@ class StatsPrinter:
 
     The write runs in the threadpool: a reader that stops reading our stdout
     pipe must not freeze the proxy. The lock keeps lines whole and in order.
+    Started with stdout closed (``fooproxy ... >&-``), Python has no
+    ``sys.stdout`` at all (None): the first SIGUSR2 says so once, and the
+    proxy keeps serving.
     """
 
     def __init__(self, get_snapshot: Callable[[], Snapshot], stream=None) -> None:
         self.get_snapshot = get_snapshot
-        self.stream = stream or sys.stdout
+        self.stream = stream if stream is not None else sys.stdout
         self.closed = False
         self._lock = Semaphore()
 
     def __call__(self, *_signal_args) -> None:
+        if self.stream is None:
+            if not self.closed:
+                self.closed = True
+                log.warning("stdout is closed (started without one): SIGUSR2 stats are not printed; use /stats")
+            return
         with self._lock:
             line = json.dumps(self.get_snapshot().as_dict()) + "\n"
             gevent.get_hub().threadpool.apply(self._write, (line,))
@@ -163,6 +171,8 @@ class Services:
             self.recovery_lock.release()
         for handler in self._signals:
             handler.cancel()
+        # A signal from here to the exit must not kill a process that is leaving cleanly.
+        ignore_harmless_signals()
         log.info("stopped")
         self._stopped.set()
 
@@ -180,9 +190,50 @@ class Services:
         )
 
 
-def stop_signals(request_stop: Handler, print_stats: Handler) -> dict[int, Handler]:
-    """The signals of a process that answers to the operator: TERM/INT stop, USR2 prints the stats."""
-    return {signal.SIGUSR2: print_stats, signal.SIGTERM: request_stop, signal.SIGINT: request_stop}
+def stop_signals(
+    request_stop: Handler, print_stats: Handler, reload: Callable[[], None] | None = None
+) -> dict[int, Handler]:
+    """The signals of a process that answers to the operator: TERM/INT stop, USR2 prints the stats,
+    HUP reloads, USR1 is logged and ignored (see ``harmless_signals``)."""
+    return {
+        signal.SIGUSR2: print_stats,
+        signal.SIGTERM: request_stop,
+        signal.SIGINT: request_stop,
+        **harmless_signals(reload),
+    }
+
+
+# -- SIGUSR1 and SIGHUP: never fatal ---------------------------------------------------
+# Their default action terminates, without a drain or the final save (issue 16).
+# ``__main__`` ignores them from the first statement on; these handlers replace
+# that. ``no_reload`` is the SIGHUP hook until a real reload is wired in: the
+# one place a reload implementation replaces.
+SIGNALS_HELP = "SIGUSR2 prints the stats, SIGTERM/SIGINT stop (drain, save), SIGHUP reloads"
+
+
+def no_reload() -> None:
+    """The reload hook of a build without reload: SIGHUP changes nothing, and says so."""
+    log.warning("reload is not supported in this build: nothing changed")
+
+
+def harmless_signals(reload: Callable[[], None] | None = None) -> dict[int, Handler]:
+    """SIGUSR1 (logged, ignored) and SIGHUP (logged, then ``reload()``; default ``no_reload``)."""
+    hook = reload or no_reload
+
+    def on_sigusr1(*_signal_args) -> None:
+        log.warning("SIGUSR1 ignored (pid %d): %s", os.getpid(), SIGNALS_HELP)
+
+    def on_sighup(*_signal_args) -> None:
+        log.warning("SIGHUP: reload ... (pid %d)", os.getpid())
+        hook()
+
+    return {signal.SIGUSR1: on_sigusr1, signal.SIGHUP: on_sighup}
+
+
+def ignore_harmless_signals() -> None:
+    """Back to SIG_IGN for the signals that must never kill (gevent's cancel restores SIG_DFL)."""
+    for signum in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def bound(sock) -> str:

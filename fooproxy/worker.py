@@ -14,7 +14,8 @@ All of a worker's signal behaviour is here:
 * before exec (``worker_preexec``, run by the master in the forked child):
   SIGINT and SIGUSR2 ignored, so a terminal's Ctrl-C, which reaches the whole
   process group, is handled once, by the master, and SIGUSR2 goes to the
-  master, whose line has the totals of all workers; PR_SET_PDEATHSIG makes
+  master, whose line has the totals of all workers; SIGUSR1 and SIGHUP
+  ignored too until the worker's handlers log them (they must never kill); PR_SET_PDEATHSIG makes
   the kernel send SIGTERM when the master dies;
 * SIGTERM means "drain" however often it comes: a SIGTERM to the whole
   process group (``kill -TERM -PGID``, systemd's default KillMode) reaches
@@ -44,7 +45,7 @@ import gevent
 from fooproxy.config import Config
 from fooproxy.listeners import StartupError, bind
 from fooproxy.proxy import Proxy, connector_for
-from fooproxy.services import Services, bound
+from fooproxy.services import Services, bound, harmless_signals
 from fooproxy.stats import SlotTable, Stats
 
 log = logging.getLogger("fooproxy.workers")
@@ -71,9 +72,15 @@ def worker_preexec() -> None:
     keeps an ignored SIGINT ignored (no KeyboardInterrupt).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    for signum in (signal.SIGUSR2, signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def worker_reload() -> None:
+    """A worker's SIGHUP hook: reloading is the master's job (a worker's flags come from it)."""
+    log.warning("a worker does not reload: send SIGHUP to the master")
 
 
 class Worker:
@@ -93,7 +100,8 @@ class Worker:
 
     def run(self) -> int:
         """Serve until SIGTERM (drain) or SIGQUIT (exit now); return the exit status."""
-        signals = {signal.SIGTERM: self.request_stop, signal.SIGQUIT: self.exit_now}
+        # SIGUSR2 stays ignored (the master prints the totals); USR1 and HUP are logged.
+        signals = {signal.SIGTERM: self.request_stop, signal.SIGQUIT: self.exit_now, **harmless_signals(worker_reload)}
         where = self.services.start(self._serve, signals)
         # Not "listening on": harnesses wait for the master's line, which comes
         # once all workers are ready.
