@@ -12,6 +12,7 @@ from __future__ import annotations
 import gevent
 
 from fooproxy.config import Config
+from fooproxy.configfile import ConfigSource
 from fooproxy.listeners import bind
 from fooproxy.proxy import Proxy, connector_for
 from fooproxy.services import Services, bound, exit_now, stop_signals
@@ -22,8 +23,10 @@ class Dispatcher:
     """The Go tool's Dispatcher: here one proxy process (no ``-workers``), a Proxy
     plus the Services, run until a stop signal."""
 
-    def __init__(self, config: Config, stats: Stats | None = None) -> None:
+    def __init__(self, config: Config, stats: Stats | None = None, source: ConfigSource | None = None) -> None:
         self.config = config
+        #: The command line and ``-config`` file the config came from (None: built in code, as tests do).
+        self.source = source
         self.stats = stats or Stats()
         self.connector = connector_for(config, self.stats)
         self.services = Services(config, self.stats)
