@@ -52,7 +52,7 @@ def raise_fd_limit() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, then run a single proxy, a worker, or the master of several."""
     args = sys.argv[1:] if argv is None else argv
-    config = cli.parse(args)
+    config, source = cli.parse_command(args)
     setup_logging(config.log_level)
     raise_fd_limit()
     try:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_master(config, args)
         from fooproxy.dispatcher import Dispatcher
 
-        return Dispatcher(config).run()
+        return Dispatcher(config, source=source).run()
     except StartupError as exc:
         logging.getLogger("fooproxy").error("%s", exc)
         return 1

@@ -14,6 +14,7 @@ from docopt import DocoptExit, docopt
 
 from fooproxy import __version__
 from fooproxy.config import Config, ConfigError, config_defaults
+from fooproxy.configfile import ConfigSource, read_file, settings_text
 
 _USAGE = """\
 fooproxy: a proxy for the Foo protocol that counts what passes through it.
@@ -26,6 +27,10 @@ Usage:
 Options:
   -h --help                  Show this help and exit.
   --version                  Show the version and exit.
+  --config PATH              Read settings from this TOML file: its keys are the flag
+                             names without the dash; flags given here override it.
+  --check-config             Validate the settings (file and flags), print them and exit:
+                             0 if valid, 2 with the error otherwise.
   --listen ADDR              Accept clients on ADDR (:port, host:port, [v6]:port) [default: {listen}].
   --forward ADDR             Forward to the Foo server at ADDR [default: {forward}].
   --http ADDR                Serve /health, /stats and /metrics on ADDR; "off" disables
@@ -66,7 +71,7 @@ A value outside its range exits 2 naming the flag; so does a -forward address
 that is the proxy's own -listen address.
 
 Signals: SIGUSR2 prints the stats as one JSON line on stdout; SIGTERM/SIGINT
-drain and exit (a second one exits at once).
+drain and exit (a second one exits at once); SIGHUP reloads the -config file.
 """
 
 #: Config's defaults, shown in the usage text, are what docopt fills in: one source.
@@ -142,8 +147,18 @@ def _stray(args: list[str]) -> str | None:
 def parse(argv: list[str]) -> Config:
     """Parse argv (without the program name) into a Config, or exit 2 with one line.
 
-    ``-h`` and ``--version`` print and exit 0.
+    ``-h`` and ``--version`` print and exit 0; so does ``-check-config`` (after
+    printing the effective settings), or it exits 2 with the error.
     """
+    return parse_command(argv)[0]
+
+
+#: Setting key (flag name without dashes) -> its metavar in the usage text (``SECONDS``, ``N``, ``ADDR``...).
+KINDS: dict[str, str] = dict(re.findall(r"^  --([a-z-]+) ([A-Z]+)", USAGE, re.M))
+
+
+def parse_command(argv: list[str]) -> tuple[Config, ConfigSource]:
+    """Like ``parse``, and also the ``ConfigSource`` a SIGHUP reload builds the next Config from."""
     args = normalise(argv)
     # Help and version win wherever they appear (docopt takes them only alone).
     lone = _lone_tokens(args)
@@ -163,10 +178,18 @@ def parse(argv: list[str]) -> Config:
     if opts["--version"]:
         print("fooproxy %s" % __version__)
         raise SystemExit(0)
+    given = frozenset(t.split("=", 1)[0][2:] for t in lone if t.startswith("--"))
+    source = ConfigSource(opts, given, KINDS)
     try:
-        return Config.from_options(opts)
+        text = read_file(source.path) if source.path else None
+        config = source.build(text)
+        if opts["--check-config"]:
+            sys.stdout.write(settings_text(source.effective(text)[0], KINDS))
+            sys.stdout.write("# the configuration is valid\n")
+            raise SystemExit(0)
     except ConfigError as exc:
         _fail(str(exc))
+    return config, source
 
 
 def _fail(message: str) -> NoReturn:

@@ -9,25 +9,35 @@ Supervisor instead (``supervisor.py``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import gevent
 
 from fooproxy.config import Config
+from fooproxy.configfile import ConfigSource
 from fooproxy.listeners import bind
 from fooproxy.proxy import Proxy, connector_for
+from fooproxy.reload import Reloader, changes, keep_restart_only, read_config
 from fooproxy.services import Services, bound, exit_now, stop_signals
 from fooproxy.stats import Snapshot, Stats
+
+#: Settings that make new sessions need a new Connector.
+CONNECTOR_FIELDS = ("forward", "connect_timeout", "pool_size", "pool_wait", "pool_idle")
 
 
 class Dispatcher:
     """The Go tool's Dispatcher: here one proxy process (no ``-workers``), a Proxy
     plus the Services, run until a stop signal."""
 
-    def __init__(self, config: Config, stats: Stats | None = None) -> None:
+    def __init__(self, config: Config, stats: Stats | None = None, source: ConfigSource | None = None) -> None:
         self.config = config
+        #: The command line and ``-config`` file the config came from (None: built in code, as tests do).
+        self.source = source
         self.stats = stats or Stats()
         self.connector = connector_for(config, self.stats)
         self.services = Services(config, self.stats)
         self.proxy: Proxy | None = None
+        self.services.reloader = Reloader(self.reload)
 
     def snapshot(self) -> Snapshot:
         """The stats as SIGUSR2 and /stats show them."""
@@ -47,7 +57,8 @@ class Dispatcher:
     def start(self) -> None:
         """Bind and start serving; raises StartupError with a one-line reason."""
         services = self.services
-        where = services.start(self._serve, stop_signals(self.request_stop, services.print_stats))
+        signals = stop_signals(self.request_stop, services.print_stats, reload=services.reloader.request)
+        where = services.start(self._serve, signals)
         services.announce(where)
 
     def _serve(self) -> str:
@@ -70,6 +81,30 @@ class Dispatcher:
     def shutdown(self) -> None:
         """Stop accepting, let sessions finish within the grace period, then stop. Idempotent."""
         self.services.shutdown(self._drain)
+
+    def reload(self) -> str:
+        """SIGHUP (through the Reloader): re-read the config file and apply it in place.
+
+        Raises ``ConfigError`` when the new settings do not validate: then
+        nothing has changed. Returns what changed, for the reload line.
+        """
+        if self.services.draining or self.proxy is None:
+            return "not applied: shutting down"
+        old = self.config
+        new, notes = keep_restart_only(old, read_config(self.source, old))
+        connector = None
+        if any(getattr(old, name) != getattr(new, name) for name in CONNECTOR_FIELDS):
+            connector = connector_for(new, self.stats)
+            if not connector.reuses:
+                self.stats.set("pool_idle", 0)  # no pool any more: the retired one no longer reports
+                self.stats.set("pool_open", 0)
+        notes += self.services.reconfigure(new)
+        new = dataclasses.replace(new, http=self.services.config.http, http_allow=self.services.config.http_allow)
+        self.proxy.reconfigure(new, connector)
+        if connector is not None:
+            self.connector = connector
+        self.config = new
+        return "; ".join(changes(old, new) + notes)
 
     def _drain(self) -> None:
         if self.proxy is not None:

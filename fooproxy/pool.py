@@ -112,6 +112,7 @@ class UpstreamPool(Connector):
         self._open = 0
         self._waiters: deque[AsyncResult] = deque()
         self._closed = False
+        self._retiring = False  # replaced by a reload: close once the last connection is back
         self._reaper = None  # hub timer, created when something first goes idle
 
     connects_from_hub = False  # a client may have to queue: acquire() in a greenlet
@@ -164,7 +165,7 @@ class UpstreamPool(Connector):
 
     def release(self, sock: socket, reusable: bool) -> None:
         """Keep a clean connection (or hand it to the first waiter); close any other."""
-        if not reusable or self._closed:
+        if not reusable or self._closed or (self._retiring and not self._waiters):
             self._discard(sock)
             return
         if self._waiters:
@@ -173,6 +174,16 @@ class UpstreamPool(Connector):
         self._idle.append((sock, self.clock()))
         self._start_reaper()
         self._changed()
+
+    def retire(self) -> None:
+        """A reload replaced this pool: keep serving its sessions and waiters, keep nothing idle,
+        close when the last connection is back. The new pool owns the gauges from now on."""
+        self.on_change = None
+        self._retiring = True
+        while self._idle:
+            self._discard(self._idle.pop()[0])
+        if self._open == 0:
+            self.close()
 
     def close(self) -> None:
         """Close idle connections, fail waiters; in-use ones are closed when released.
@@ -243,6 +254,8 @@ class UpstreamPool(Connector):
             return
         self._open -= 1
         self._changed()
+        if self._retiring and self._open == 0:
+            self.close()
 
     def _expire(self, now: float) -> None:
         idle = self._idle

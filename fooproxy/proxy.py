@@ -122,19 +122,21 @@ class Proxy(StreamServer):
     def handle(self, client: socket, address: tuple) -> None:
         """Get an upstream for one client, in a greenlet, and start its session."""
         peer, started = self._accepted(client, address)
+        connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
         try:
-            upstream = self.connector.acquire()
+            upstream = connector.acquire()
         except UpstreamError as exc:
             self._no_upstream(client, peer, started, exc)
             return
         except BaseException:  # killed by the drain while waiting
             self._close_client(client, peer, SHUT_DOWN, started)
             raise
-        self._begin(client, peer, started, upstream)
+        self._begin(client, peer, started, upstream, connector)
 
     def _handle_in_hub(self, client: socket, address: tuple) -> None:
         """Start the client's upstream connect from the accept callback; the session starts when it reports."""
         peer, started = self._accepted(client, address)
+        connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
 
         pending: list[HubConnect] = []  # the HubConnect may report before it is returned to us
 
@@ -143,7 +145,7 @@ class Proxy(StreamServer):
                 self.connecting.discard(pending[0])
             try:
                 if upstream is not None:
-                    self._begin(client, peer, started, upstream)
+                    self._begin(client, peer, started, upstream, connector)
                 elif exc is not None:
                     self._no_upstream(client, peer, started, exc)
                 else:  # cancelled by the drain
@@ -155,7 +157,7 @@ class Proxy(StreamServer):
                 self._close_client(client, peer, "error: internal", started)
 
         try:
-            connect = self.connector.connect_from_hub(connected)
+            connect = connector.connect_from_hub(connected)
         except Exception as exc:  # not a connect failure (those are reported): a bug, said once here
             log.exception("%s: cannot start the upstream connect", peer)
             self._close_client(client, peer, "error: %s" % exc, started)
@@ -178,7 +180,7 @@ class Proxy(StreamServer):
         self.upstream_warnings.warn(exc.reason, "%s: %s" % (peer, exc))
         self._close_client(client, peer, exc.reason, started)
 
-    def _begin(self, client: socket, peer: str, started: float, upstream: socket) -> None:
+    def _begin(self, client: socket, peer: str, started: float, upstream: socket, connector: Connector) -> None:
         config = self.config
         try:
             bus = DataBus(
@@ -187,20 +189,20 @@ class Proxy(StreamServer):
                 self.stats,
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
-                keep_upstream=self.connector.reuses,
+                keep_upstream=connector.reuses,
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
-            self.connector.release(upstream, False)
+            connector.release(upstream, False)
             self._close_client(client, peer, "error: %s" % exc, started)
             return
         self.sessions.add(bus)
-        # The client's address and accept time stay here, in the end callback's closure.
-        bus.start(lambda bus: self._session_ended(bus, peer, started))
+        # The client's address, accept time and connector stay here, in the end callback's closure.
+        bus.start(lambda bus: self._session_ended(bus, peer, started, connector))
 
-    def _session_ended(self, bus: DataBus, peer: str, started: float) -> None:
-        """DataBus end callback, in the hub: release the upstream, close the client."""
+    def _session_ended(self, bus: DataBus, peer: str, started: float, connector: Connector) -> None:
+        """DataBus end callback, in the hub: release the upstream (to its own connector), close the client."""
         self.sessions.discard(bus)
-        self.connector.release(bus.upstream, bus.clean)
+        connector.release(bus.upstream, bus.clean)
         self._close_client(bus.client, peer, bus.ending, started, bus)
 
     def _close_client(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
@@ -216,6 +218,24 @@ class Proxy(StreamServer):
             self._all_closed.set()
         elif self.open_count == self.config.max_conns - 1 and self.started:
             self.start_accepting()  # a place is free again (a no-op if still accepting)
+
+    # -- reload --------------------------------------------------------------------
+    def reconfigure(self, config: Config, connector: Connector | None = None) -> None:
+        """A reload: new sessions get ``config``'s limits and timeouts, and ``connector`` if given.
+
+        Open sessions keep their upstream connection and the connector they
+        got it from (released to it when they end); the old connector is
+        retired: it closes once its last session has.
+        """
+        old = self.connector
+        self.config = config
+        if connector is not None and connector is not old:
+            connector.prepare()
+            self.connector = connector
+            self._from_hub = connector.connects_from_hub
+            old.retire()
+        if self.started and not self.full():
+            self.start_accepting()  # a higher -max-conns: take the clients waiting in the backlog
 
     # -- drain ---------------------------------------------------------------------
     def drain(self, grace: float) -> None:

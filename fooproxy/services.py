@@ -16,6 +16,7 @@ its master serves those) is simply absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,6 +32,8 @@ from fooproxy import recovery
 from fooproxy.config import Config
 from fooproxy.health import Health, UpstreamChecker
 from fooproxy.http import HttpServer, make_app
+from fooproxy.listeners import StartupError
+from fooproxy.reload import Reloader
 from fooproxy.stats import Snapshot, Stats
 
 log = logging.getLogger("fooproxy")
@@ -104,6 +107,9 @@ class Services:
         self.saver: recovery.Saver | None = None
         self.recovery_lock: recovery.RecoveryLock | None = None
         self.checker: UpstreamChecker | None = None
+        self.health: Health | None = None
+        #: Set by the job when it reloads on SIGHUP (``reload.Reloader``); stopped at shutdown.
+        self.reloader: Reloader | None = None
         self.print_stats = StatsPrinter(self.snapshot)
         self.draining = False
         self._stopped = Event()
@@ -127,12 +133,7 @@ class Services:
                 log.info("restored stats from %s: %d messages", cfg.recovery_path, saved.as_dict()["msg_total"])
             self.saver = recovery.Saver(cfg.recovery_path, self.snapshot, logger=log)
         if cfg.http:
-            self.checker = UpstreamChecker(
-                cfg.forward, cfg.health_interval, timeout=min(cfg.connect_timeout, cfg.health_interval), logger=log
-            )
-            health = Health(self.checker, self.saver, is_draining=lambda: self.draining)
-            app = make_app(self.snapshot, health, get_extra=health.gauges)
-            self.http = HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
+            self.http = self._http_server(cfg)
             self.http.start()
         # Installed before the job starts: SIGUSR2's default action kills.
         self._signals = [gevent.signal_handler(signum, handler) for signum, handler in signals.items()]
@@ -142,6 +143,71 @@ class Services:
         if self.saver is not None:
             self.saver.start()
         return where
+
+    def _http_server(self, cfg: Config) -> HttpServer:
+        """The HTTP server for ``cfg`` (not started), with its health checker (not started either)."""
+        assert cfg.http is not None
+        self.checker = self._checker(cfg)
+        self.health = Health(self.checker, self.saver, is_draining=lambda: self.draining)
+        app = make_app(self.snapshot, self.health, get_extra=self.health.gauges)
+        return HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
+
+    @staticmethod
+    def _checker(cfg: Config) -> UpstreamChecker:
+        timeout = min(cfg.connect_timeout, cfg.health_interval)
+        return UpstreamChecker(cfg.forward, cfg.health_interval, timeout=timeout, logger=log)
+
+    # -- reload -------------------------------------------------------------
+    def reconfigure(self, new: Config) -> list[str]:
+        """A reload: apply the services' part of ``new`` (log level, health checker, HTTP).
+
+        HTTP on a new address is bound before the old server stops; if the
+        bind fails, HTTP stays where it is and the returned note says why.
+        Returns notes for the reload line.
+        """
+        old = self.config
+        notes: list[str] = []
+        if new.log_level != old.log_level:
+            logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+        if new.http != old.http:
+            if not self._rebind_http(new, notes):
+                new = dataclasses.replace(new, http=old.http, http_allow=old.http_allow)
+        elif self.http is not None:
+            self.http.allow = new.http_allow
+            checked = ("forward", "health_interval", "connect_timeout")
+            if any(getattr(old, f) != getattr(new, f) for f in checked):
+                self._replace_checker(new)
+        self.config = new
+        return notes
+
+    def _rebind_http(self, new: Config, notes: list[str]) -> bool:
+        old_http, old_checker = self.http, self.checker
+        if new.http is None:
+            self.http = self.checker = self.health = None
+        else:
+            try:
+                server = self._http_server(new)
+                server.start()
+            except (StartupError, OSError) as exc:
+                self.http, self.checker = old_http, old_checker
+                notes.append("http refused: %s (kept %s)" % (exc, old_http.address if old_http else "off"))
+                return False
+            self.http = server
+            self.checker.start()
+        if old_checker is not None:
+            old_checker.stop()
+        if old_http is not None:
+            old_http.drain()
+            gevent.spawn(old_http.stop, timeout=1)
+        return True
+
+    def _replace_checker(self, new: Config) -> None:
+        old, self.checker = self.checker, self._checker(new)
+        assert self.health is not None
+        self.health.checker = self.checker
+        self.checker.start()
+        if old is not None:
+            old.stop()
 
     def wait(self, shutdown: Callable[[], None]) -> int:
         """Block until a shutdown has finished; the exit status."""
@@ -157,6 +223,8 @@ class Services:
         if self.draining:
             return
         self.draining = True
+        if self.reloader is not None:
+            self.reloader.stop()
         if self.http is not None:
             self.http.drain()
         drain()

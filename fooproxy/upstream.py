@@ -135,6 +135,10 @@ class Connector:
         """Give a connection back after its session; here it is always closed."""
         sock.close()
 
+    def retire(self) -> None:
+        """A reload replaced this connector: close it once no session uses it (here: nothing is kept)."""
+        self.close()
+
     def close(self) -> None:
         """Stop a re-resolve in progress; nothing else is kept here."""
         refresh, self._refresh = self._refresh, None

@@ -1,0 +1,183 @@
+"""SIGHUP reloads a running fooproxy (no workers): nothing refused, nothing cut, the counts exact.
+
+Real processes and real signals: two Foo servers, fooproxy started with
+``-config FILE``, client loops running the whole time while the test rewrites
+the file and sends SIGHUP.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+
+import pytest
+
+from harness import tasks
+from harness.binaries import fooproxy_command
+from tests.e2e.reloading import ClientLoop, reload_lines, sighup_and_wait, write_config
+from tests.faults import running
+
+pytestmark = pytest.mark.e2e
+
+RELOADS = 10
+
+
+@pytest.fixture
+def procs(tmp_path):
+    yield from running.processes(tmp_path)
+
+
+def start(procs, path, *args):
+    proxy = procs.command([*fooproxy_command(), "-config", str(path), *args])
+    proxy.wait_for_output("listening on", timeout=30)
+    return proxy
+
+
+def one_session(address: str) -> bytes:
+    with socket.create_connection(tasks.split_address(address), timeout=5) as sock:
+        sock.sendall(b"REQ 7 abc\n")
+        return sock.makefile("rb").readline()
+
+
+def test_ten_reloads_under_load_drop_nothing(procs, tmp_path):
+    a, b = procs.server(), procs.server()
+    listen = tasks.local_address()
+    path = tmp_path / "fooproxy.toml"
+    base = dict(listen=listen, http="off", recovery_path="off")
+    write_config(path, forward=a.address, **base)
+    proxy = start(procs, path)
+    loops = [ClientLoop(listen, "loop%d" % i) for i in range(2)]
+    for loop in loops:
+        loop.start()
+    lines = []
+    for i in range(RELOADS):
+        # Each reload moves new sessions to the other server and changes limits and timeouts.
+        write_config(
+            path,
+            forward=(b if i % 2 == 0 else a).address,
+            max_conns=100 + i,
+            linger=2 + i,
+            idle_timeout=60 + i,
+            connect_timeout=1 + i / 10,
+            pool_size=(0, 4)[i % 3 == 1],
+            **base,
+        )
+        lines.append(sighup_and_wait(proxy))
+        # Let every loop finish a few sessions on the new settings before the next reload.
+        assert running.poll(sessions_after(loops, 3), timeout=20)
+    counts = [loop.stop() for loop in loops]
+    print("\nreload lines:\n" + "\n".join(lines))
+    attempted = sum(c.attempted for c in counts)
+    refused = sum(c.refused for c in counts)
+    cut = sum(c.cut for c in counts)
+    wrong = sum(c.wrong for c in counts)
+    print("reloads %d: connections attempted %d, refused %d, sessions cut %d, wrong answers %d"
+          % (RELOADS, attempted, refused, cut, wrong))  # fmt: skip
+    assert all("reload: " in line and "forward" in line for line in lines), lines
+    errors = [e for c in counts for e in c.errors]
+    assert (refused, cut, wrong) == (0, 0, 0), errors[:10]
+    assert attempted >= 20, "the loops did not run during the reloads"
+    stats = tasks.signal_stats(proxy)
+    sessions = sum(c.sessions for c in counts)
+    requests = sum(c.requests for c in counts)
+    assert stats["connections_total"] == sessions
+    assert stats["connections_active"] == 0
+    assert stats["msg_req"] == requests
+    assert stats["msg_ack"] + stats["msg_nak"] == requests
+    assert stats["upstream_errors"] == 0
+
+
+def test_open_session_keeps_its_upstream_new_ones_use_the_new(procs, tmp_path):
+    a, b = procs.server(), procs.server()
+    listen = tasks.local_address()
+    path = tmp_path / "fooproxy.toml"
+    write_config(path, listen=listen, forward=a.address, http="off", recovery_path="off")
+    proxy = start(procs, path)
+    old = socket.create_connection(tasks.split_address(listen), timeout=5)
+    old.sendall(b"REQ 1 x\n")
+    reader = old.makefile("rb")
+    assert reader.readline().startswith((b"ACK 1 ", b"NAK 1 "))
+    write_config(path, listen=listen, forward=b.address, http="off", recovery_path="off")
+    assert "forward %s -> %s" % (a.address, b.address) in sighup_and_wait(proxy)
+    old.sendall(b"REQ 2 x\n")  # still on a
+    assert reader.readline().startswith((b"ACK 2 ", b"NAK 2 "))
+    a.stop()  # only the old session used a: it ends, new sessions do not care
+    assert reader.readline() == b""
+    old.close()
+    assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
+
+
+def test_bad_config_on_reload_changes_nothing(procs, tmp_path):
+    server = procs.server()
+    listen = tasks.local_address()
+    path = tmp_path / "fooproxy.toml"
+    write_config(path, listen=listen, forward=server.address, http="off", recovery_path="off", max_conns=50)
+    proxy = start(procs, path)
+    dead = tasks.local_address()  # nobody listens there
+    # A new upstream that would break every session, plus one bad value: the whole file is refused.
+    path.write_text('listen = "%s"\nforward = "%s"\nhttp = "off"\nrecovery-path = "off"\ngrace = "soon"\n'
+                    % (listen, dead))  # fmt: skip
+    line = sighup_and_wait(proxy)
+    assert "reload rejected" in line and str(path) in line and "line 5: key grace" in line, line
+    for _ in range(3):
+        assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
+    path.write_text("max-conns = [\n")  # not even TOML
+    line = sighup_and_wait(proxy)
+    assert "reload rejected" in line and "not valid TOML" in line, line
+    assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
+    path.unlink()  # gone
+    assert "cannot read" in sighup_and_wait(proxy)
+    assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
+    assert tasks.signal_stats(proxy)["upstream_errors"] == 0
+    assert proxy.alive()
+
+
+def test_listen_change_is_refused_by_name_http_moves(procs, tmp_path):
+    server = procs.server()
+    listen, http1, http2 = tasks.local_address(), tasks.local_address(), tasks.local_address()
+    path = tmp_path / "fooproxy.toml"
+    write_config(path, listen=listen, forward=server.address, http=http1, recovery_path="off")
+    proxy = start(procs, path)
+    assert running.http_get(http1, "/health")[0] == 200
+    moved = tasks.local_address()
+    write_config(path, listen=moved, forward=server.address, http=http2, recovery_path="off")
+    line = sighup_and_wait(proxy)
+    assert "listen refused" in line and "http %s -> %s" % (http1, http2) in line, line
+    assert running.http_get(http2, "/health")[0] == 200
+    assert running.poll(lambda: not _accepts(http1), timeout=5)
+    assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
+    assert not _accepts(moved)
+
+
+def test_sighup_burst_coalesces_and_never_overlaps(procs, tmp_path):
+    server = procs.server()
+    listen = tasks.local_address()
+    path = tmp_path / "fooproxy.toml"
+    write_config(path, listen=listen, forward=server.address, http="off", recovery_path="off")
+    proxy = start(procs, path)
+    write_config(path, listen=listen, forward=server.address, http="off", recovery_path="off", max_conns=9)
+    for _ in range(20):
+        proxy.send_signal(signal.SIGHUP)
+    assert running.poll(lambda: len(reload_lines(proxy)) >= 1)
+    line = sighup_and_wait(proxy)  # one more after the burst: the burst's runs have all finished
+    lines = reload_lines(proxy)
+    assert 2 <= len(lines) <= 21, lines
+    assert "max-conns 10000 -> 9" in lines[0], lines
+    assert all("nothing changed" in x for x in lines[1:]), lines
+    assert "nothing changed" in line
+    assert "reload failed" not in proxy.stderr_text()
+    assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
+
+
+def sessions_after(loops: list[ClientLoop], more: int):
+    """A condition: every loop has finished ``more`` sessions beyond what it has now."""
+    marks = [(loop, loop.counts.sessions + more) for loop in loops]
+    return lambda: all(loop.counts.sessions >= mark for loop, mark in marks)
+
+
+def _accepts(address: str) -> bool:
+    try:
+        socket.create_connection(tasks.split_address(address), timeout=1).close()
+    except OSError:
+        return False
+    return True
