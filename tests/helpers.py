@@ -8,12 +8,16 @@ plain blocking calls.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import gevent
 from gevent import socket
+
+from harness import tasks
+from harness.binaries import fooproxy_command
 
 T = TypeVar("T")
 
@@ -98,3 +102,15 @@ def recv_until_eof(sock, timeout: float = 10.0) -> bytes:
 def totals(dispatcher) -> dict:
     """An in-process proxy's stats as ``/stats`` shows them (totals, gauges, rates)."""
     return dispatcher.snapshot().as_dict()
+
+
+def run_fooproxy(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    """The installed ``fooproxy`` with ``args``, to completion: exit status and captured text output."""
+    return subprocess.run(
+        [*fooproxy_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=tasks.proxy_env(),
+        stdin=subprocess.DEVNULL,
+    )

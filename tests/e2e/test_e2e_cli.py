@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import socket
-import subprocess
 
 import pytest
 
 from fooproxy import __version__
 from harness import tasks
-from harness.binaries import fooproxy_command
+from tests.helpers import run_fooproxy as fooproxy
 
 pytestmark = pytest.mark.e2e
-
-
-def fooproxy(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*fooproxy_command(), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=tasks.proxy_env(),
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_help_exits_0_with_usage() -> None:

@@ -7,7 +7,6 @@ exit 2, as a bad flag is; the shipped example has every key and validates.
 from __future__ import annotations
 
 import socket
-import subprocess
 import tomllib
 from pathlib import Path
 
@@ -18,22 +17,12 @@ from fooproxy.configfile import NOT_IN_FILE
 from harness import tasks
 from harness.binaries import fooproxy_command
 from tests.faults import running
+from tests.helpers import run_fooproxy as fooproxy
 
 pytestmark = pytest.mark.e2e
 
 SELF_PORT = tasks.split_address(tasks.local_address())[1]
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "fooproxy.toml"
-
-
-def fooproxy(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*fooproxy_command(), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=tasks.proxy_env(),
-        stdin=subprocess.DEVNULL,
-    )
 
 
 @pytest.fixture

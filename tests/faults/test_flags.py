@@ -13,21 +13,14 @@ import pytest
 
 from fooproxy.config import RANGES, max_workers
 from harness import tasks
-from harness.binaries import fooproxy_command
+from tests.helpers import run_fooproxy
 
 pytestmark = pytest.mark.e2e
 
 
 def fooproxy(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     # HTTP and recovery off, so a case that wrongly starts cannot touch anything shared.
-    return subprocess.run(
-        [*fooproxy_command(), "-http", "off", "-recovery-path", "off", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=tasks.proxy_env(),
-        stdin=subprocess.DEVNULL,
-    )
+    return run_fooproxy("-http", "off", "-recovery-path", "off", *args, timeout=timeout)
 
 
 def assert_usage_error(result: subprocess.CompletedProcess, flag: str) -> str:
