@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.hosts import Host, HostError
-from harness.processes import KEEP_LOGS_ENV, POLL, Process, ProcessError, wait_for_port
+from harness.processes import KEEP_LOGS_ENV, POLL, Process, ProcessError
 
 
 class SshHost(Host):
@@ -135,6 +135,11 @@ class RemoteProcess(Process):
     """
 
     def __init__(self, host: SshHost, cmd: Sequence[str], *, env: Mapping[str, str] | None = None, **kw: Any) -> None:
+        # Readiness is Process.wait_ready's: the regex through this class's wait_for_output,
+        # ready_port checked from here (the harness reaches every host it drives). Not
+        # ready_listen: that reads this machine's /proc, not the remote host's.
+        if kw.get("ready_listen") is not None:
+            raise ValueError("a remote process cannot be ready by ready_listen; use ready_port")
         super().__init__(cmd, **kw)
         self.host = host
         self.remote_env = dict(env or {})
@@ -184,20 +189,6 @@ class RemoteProcess(Process):
             self.close()  # also removes the remote directory and closes the output files
             raise
         return self
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        # ready_port is checked from here: the harness reaches every host it drives.
-        timeout = self.ready_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        try:
-            if self.ready_regex is not None:
-                self.ready_match = self.wait_for_output(
-                    self.ready_regex, deadline - time.monotonic(), self.ready_stream
-                )
-            if self.ready_port is not None:
-                wait_for_port(*self.ready_port, timeout=max(0.0, deadline - time.monotonic()), alive=self.alive)
-        except ProcessError as exc:
-            raise ProcessError("%s: %s\n%s" % (self.name, exc, self.tail())) from None
 
     @property
     def pid(self) -> int:
