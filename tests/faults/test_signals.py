@@ -58,15 +58,20 @@ def startup_state(pid: int, maps: bool = True) -> tuple[bool, bool, bool] | None
     is its first extension module (or greenlet's) in /proc/PID/maps.
     """
     masks = {}
+    mapped = ""
     try:
+        # maps first, then status: the proxy ignores SIGUSR2 before it loads
+        # gevent, so a gevent seen in maps must be matched by SigIgn read after
+        # it. Read the other way round, the proxy can do both between the two
+        # reads, and the test would see gevent without the ignore (CI did).
+        if maps:  # a long read once gevent is in: skipped then (``maps=False``)
+            with open("/proc/%d/maps" % pid) as f:
+                mapped = f.read()
         with open("/proc/%d/status" % pid) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if key in ("SigIgn", "SigCgt"):
                     masks[key] = int(value, 16)
-        if maps:  # a long read once gevent is in: skipped then (``maps=False``)
-            with open("/proc/%d/maps" % pid) as f:
-                mapped = f.read()
     except OSError:
         return None
     bit = 1 << (signal.SIGUSR2 - 1)
