@@ -20,7 +20,7 @@ import time
 import gevent
 from gevent import socket
 
-from tests.helpers import read_lines, wait_until
+from tests.helpers import hub_errors_of_ours, read_lines, wait_until
 
 DURATION = 3.0
 #: Well-behaved client runs the crowd must have checked, and the longest it may take to get there.
@@ -102,7 +102,11 @@ BEHAVIOURS = [lockstep, pipelined_half_close, garbage, reset_mid_line, oversized
 
 def test_a_crowd_of_misbehaving_clients(mini_server, proxy_for, caplog):
     srv = mini_server()
-    d = proxy_for(srv.address, linger=0.5, idle_timeout=2)
+    # linger: the default 5 s, not less. One hub runs the 60 clients, the proxy and
+    # the server here; on a loaded CI machine it stalled past a 0.5 s linger, and a
+    # well-behaved half-closing client then got EOF before its 17 answers (correct
+    # for the proxy, -linger is a bound from the client's EOF; wrong for this test).
+    d = proxy_for(srv.address, linger=5.0, idle_timeout=2)
     hub = gevent.get_hub()
     errors = io.StringIO()
     saved, hub.exception_stream = hub.exception_stream, errors
@@ -125,7 +129,7 @@ def test_a_crowd_of_misbehaving_clients(mini_server, proxy_for, caplog):
             assert wait_until(lambda: d.snapshot().totals["connections_active"] == 0, timeout=10)
     finally:
         hub.exception_stream = saved
-    assert errors.getvalue() == "", errors.getvalue()
+    assert hub_errors_of_ours(errors.getvalue()) == []
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     totals = d.snapshot().totals
     assert good[0] > MIN_GOOD and totals["connections_total"] > good[0]
