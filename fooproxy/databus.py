@@ -57,6 +57,7 @@ CLIENT_CLOSED = "client closed"
 UPSTREAM_CLOSED = "upstream closed"
 IDLE = "idle timeout"
 LINGER = "client closed, answers still owed after linger"
+INTERNAL = "error: internal"  # a bug of ours ended the session (counted in errors_internal)
 SHUT_DOWN = "shut down"
 
 
@@ -304,7 +305,7 @@ class DataBus:
 
     def crashed(self) -> None:
         log.exception("session failed")  # the owner's close line names the client (error: internal)
-        self.abort("error: internal")
+        self.abort(INTERNAL)
 
     def _check_idle(self) -> None:
         """Timer callback: end the session once no byte moved either way for ``idle_timeout`` s.

@@ -10,8 +10,11 @@ that ``http.make_app`` serves, plus gauges for ``/metrics``.
 
 - 200 ``ok``: upstream reachable (or not checked yet), persistence fine.
 - 200 ``degraded``: the proxy works but the recovery file cannot be written
-  (``"persistence": "failing: <reason>"``). Not a 503: traffic is unaffected,
-  and a load balancer should not pull a working proxy for a disk problem.
+  (``"persistence": "failing: <reason>"``), or sessions are failing on
+  internal errors (``errors_internal`` rose within the last
+  ``INTERNAL_ERRORS_WINDOW`` seconds; ``"internal_errors": "rising: ..."``).
+  Not a 503: traffic is mostly unaffected, and a load balancer should not pull
+  a working proxy for it; an operator must look.
 - 503 ``unavailable`` with ``reason``: upstream unreachable, or draining.
 """
 
@@ -167,11 +170,45 @@ class PersistenceStatus(Protocol):
     last_error: str | None
 
 
+#: /health stays ``degraded`` this many seconds after it last saw ``errors_internal`` rise.
+INTERNAL_ERRORS_WINDOW = 60.0
+
+
+class InternalErrors:
+    """Whether ``errors_internal`` is rising: the count now against what earlier verdicts saw.
+
+    The first reading is the baseline (counts restored from the recovery file
+    are history, not a rise). After that, any increase marks the moment, and
+    the verdict is "rising" until ``window`` seconds have passed without one.
+    """
+
+    def __init__(self, read: Callable[[], int], window: float = INTERNAL_ERRORS_WINDOW,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.read = read
+        self.window = window
+        self.clock = clock
+        self.seen: int | None = None
+        self.rose_at: float | None = None
+        self.rose_by = 0
+
+    def rising(self) -> tuple[bool, int]:
+        """``(rising now, errors in the rise)``."""
+        count, now = self.read(), self.clock()
+        if self.seen is not None and count > self.seen:
+            if self.rose_at is None or now - self.rose_at >= self.window:
+                self.rose_by = 0
+            self.rose_by += count - self.seen
+            self.rose_at = now
+        self.seen = count
+        return self.rose_at is not None and now - self.rose_at < self.window, self.rose_by
+
+
 class Health:
     """The /health verdict: ``Health(...)()`` returns ``(ok, detail)``.
 
     Any part may be absent: no checker means the upstream is not probed, no
-    saver means persistence is disabled, no ``is_draining`` means never draining.
+    saver means persistence is disabled, no ``is_draining`` means never draining,
+    no ``internal_errors`` means they are not watched.
     """
 
     def __init__(
@@ -179,10 +216,12 @@ class Health:
         checker: UpstreamChecker | None = None,
         saver: PersistenceStatus | None = None,
         is_draining: Callable[[], bool] | None = None,
+        internal_errors: Callable[[], int] | None = None,
     ) -> None:
         self.checker = checker
         self.saver = saver
         self.is_draining = is_draining or (lambda: False)
+        self.internal = InternalErrors(internal_errors) if internal_errors is not None else None
 
     def __call__(self) -> tuple[bool, dict[str, Any]]:
         detail: dict[str, Any] = {}
@@ -206,7 +245,16 @@ class Health:
             detail["status"] = "unavailable"
             detail["reason"] = "; ".join(reasons)
             return False, detail
-        detail["status"] = "degraded" if self.saver is not None and not self.saver.healthy else "ok"
+        degraded = self.saver is not None and not self.saver.healthy
+        if self.internal is not None:
+            rising, count = self.internal.rising()
+            if rising:
+                detail["internal_errors"] = "rising: %d session(s) ended on an internal error in the last %gs" % (
+                    count,
+                    self.internal.window,
+                )
+                degraded = True
+        detail["status"] = "degraded" if degraded else "ok"
         return True, detail
 
     def gauges(self) -> dict[str, float]:

@@ -79,6 +79,11 @@ class StatsCollector(Collector):
             "Clients that could not be given an upstream connection (unreachable, or pool exhausted).",
             value=t.get("upstream_errors", 0),
         )
+        yield CounterMetricFamily(
+            "fooproxy_errors_internal",
+            "Client sessions ended by an internal error of the proxy (a bug: the log has its traceback).",
+            value=t.get("errors_internal", 0),
+        )
         yield GaugeMetricFamily(
             "fooproxy_pool_idle_connections", "Pooled upstream connections idle now.", value=t.get("pool_idle", 0)
         )

@@ -12,7 +12,7 @@ from gevent.server import StreamServer
 from gevent.socket import socket
 
 from fooproxy.config import Config
-from fooproxy.databus import SHUT_DOWN, DataBus
+from fooproxy.databus import INTERNAL, SHUT_DOWN, DataBus
 from fooproxy.listeners import AcceptPause
 from fooproxy.pool import UpstreamPool
 from fooproxy.ratelimit import RepeatFilter
@@ -154,13 +154,13 @@ class Proxy(StreamServer):
                 log.exception("%s: starting the session failed", peer)
                 if upstream is not None:
                     upstream.close()
-                self._close_client(client, peer, "error: internal", started)
+                self._close_client(client, peer, INTERNAL, started)
 
         try:
             connect = connector.connect_from_hub(connected)
-        except Exception as exc:  # not a connect failure (those are reported): a bug, said once here
+        except Exception:  # not a connect failure (those are reported): a bug, said once here
             log.exception("%s: cannot start the upstream connect", peer)
-            self._close_client(client, peer, "error: %s" % exc, started)
+            self._close_client(client, peer, INTERNAL, started)
             return
         if not connect.finished:
             pending.append(connect)
@@ -202,13 +202,20 @@ class Proxy(StreamServer):
     def _session_ended(self, bus: DataBus, peer: str, started: float, connector: Connector) -> None:
         """DataBus end callback, in the hub: release the upstream (to its own connector), close the client."""
         self.sessions.discard(bus)
-        connector.release(bus.upstream, bus.clean)
+        try:
+            connector.release(bus.upstream, bus.clean)
+        except Exception:  # a bug of ours: the client is still closed and counted below
+            log.exception("%s: releasing the upstream failed", peer)
+            bus.upstream.close()
+            bus.ending = INTERNAL
         self._close_client(bus.client, peer, bus.ending, started, bus)
 
     def _close_client(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
                 bus: DataBus | None = None) -> None:  # fmt: skip
         """Close one client and do its accounting: gauge, close line, open count, resume accepting."""
         client.close()
+        if how == INTERNAL:
+            self.stats.internal_error()
         if peer:
             self.stats.connection_closed()
             if log.isEnabledFor(logging.INFO):

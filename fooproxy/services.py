@@ -148,7 +148,12 @@ class Services:
         """The HTTP server for ``cfg`` (not started), with its health checker (not started either)."""
         assert cfg.http is not None
         self.checker = self._checker(cfg)
-        self.health = Health(self.checker, self.saver, is_draining=lambda: self.draining)
+        self.health = Health(
+            self.checker,
+            self.saver,
+            is_draining=lambda: self.draining,
+            internal_errors=lambda: self.snapshot().totals.get("errors_internal", 0),
+        )
         app = make_app(self.snapshot, self.health, get_extra=self.health.gauges)
         return HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
 

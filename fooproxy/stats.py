@@ -37,6 +37,7 @@ COUNTERS = (
     "upstream_errors",
     "pool_idle",
     "pool_open",
+    "errors_internal",
 )
 _IDX = {name: i for i, name in enumerate(COUNTERS)}
 # Counters that describe the present, not a history: never restored from a file.
@@ -46,11 +47,11 @@ BLOCK_CELLS = _HEADER + timetable.CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
 
 # Cell indices for the hot path, derived from COUNTERS (never a literal order).
-_REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR = (
+_REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR, _INTERNAL = (
     _IDX[name]
     for name in (
         "msg_req", "msg_ack", "msg_nak", "msg_invalid", "connections_active", "connections_total",
-        "bytes_client_to_server", "bytes_server_to_client", "upstream_errors",
+        "bytes_client_to_server", "bytes_server_to_client", "upstream_errors", "errors_internal",
     )
 )  # fmt: skip
 # The time table's geometry, for the inlined write in Stats.record.
@@ -119,6 +120,10 @@ class Stats:
 
     def upstream_error(self) -> None:
         self.block[_UPERR] += 1
+
+    def internal_error(self) -> None:
+        """A session ended by a bug of ours (``error: internal``): /health turns degraded while these rise."""
+        self.block[_INTERNAL] += 1
 
     def set(self, name: str, value: int) -> None:
         self.block[_IDX[name]] = value
