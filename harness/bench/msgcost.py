@@ -24,9 +24,11 @@ small; ``--repeat`` shows the spread.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -57,6 +59,8 @@ Options:
   --proxy-cmd CMD     Run this command as the proxy instead of the installed fooproxy (to
                       compare builds); it gets fooproxy's flags appended.
   --python            Use foo-server even when $FOO_BIN_DIR has the reference server.
+  --profile K         Also print, per workload and proxy, the K functions that cost the most
+                      per message (callgrind_annotate of both runs, subtracted) [default: 0].
 
 The figure is (Ir of the 2N run - Ir of the N run) / 2N: instructions the proxy executes
 per message, a REQ or an answer. Run it against the reference server (FOO_BIN_DIR with
@@ -178,9 +182,8 @@ class Target:
         )
 
 
-def measure_run(target: Target, workload: str, requests: int, python: bool, scratch: Path) -> int:
+def measure_run(target: Target, workload: str, requests: int, python: bool, out_file: Path) -> int:
     """Total Ir of one proxy run carrying ``requests`` requests of ``workload`` to a fresh server."""
-    out_file = scratch / ("%s-%s-%d.out" % (target.name, workload, requests))
     with start_server(peers=choose_peers(python)) as server:
         proxy = target.start(server.address, out_file)
         try:
@@ -188,6 +191,35 @@ def measure_run(target: Target, workload: str, requests: int, python: bool, scra
         finally:
             proxy.close()
     return total_ir(out_file)
+
+
+_ANNOTATED = re.compile(r"\s*([\d,]+) \([ \d.]+%\)\s+(\S+?):(\S+)")
+
+
+def function_costs(out_file: Path) -> dict[str, int]:
+    """Ir per function (``file:function``, the file's base name) of a callgrind output, via callgrind_annotate."""
+    annotate = shutil.which("callgrind_annotate")
+    if annotate is None:
+        raise MsgcostError("callgrind_annotate not found (it comes with valgrind)")
+    text = subprocess.run(
+        [annotate, "--threshold=100", str(out_file)], capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    costs: dict[str, int] = {}
+    for line in text.splitlines():
+        match = _ANNOTATED.match(line)
+        if match and match.group(2) != "PROGRAM":
+            name = "%s:%s" % (match.group(2).rsplit("/", 1)[-1], match.group(3))
+            costs[name] = costs.get(name, 0) + int(match.group(1).replace(",", ""))
+    return costs
+
+
+def profile_per_message(
+    short: dict[str, int], long: dict[str, int], requests: int, top: int
+) -> list[tuple[str, float]]:
+    """The ``top`` functions by extra Ir per message between the N and 2N runs, costliest first."""
+    extra = {name: long.get(name, 0) - short.get(name, 0) for name in set(short) | set(long)}
+    ranked = sorted(extra.items(), key=lambda item: -item[1])[:top]
+    return [(name, ir / (2 * requests)) for name, ir in ranked]
 
 
 def ir_per_message(short: int, long: int, requests: int) -> float:
@@ -204,12 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         requests = int(opts["--requests"])
         repeat = int(opts["--repeat"])
+        top = int(opts["--profile"])
     except ValueError:
-        sys.stderr.write("foo-harness msgcost: --requests and --repeat take whole numbers\n")
+        sys.stderr.write("foo-harness msgcost: --requests, --repeat and --profile take whole numbers\n")
         return 2
     workloads = [w.strip() for w in opts["--only"].split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
-    if unknown or requests < PIPELINE or repeat < 1:
+    if unknown or requests < PIPELINE or repeat < 1 or top < 0:
         sys.stderr.write(
             "foo-harness msgcost: workloads are %s; --requests at least %d; --repeat at least 1\n"
             % (", ".join(WORKLOADS), PIPELINE)
@@ -236,14 +269,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         for workload in workloads:
             for target in targets:
                 figures = []
+                runs = (
+                    scratch / ("%s-%s-n.out" % (target.name, workload)),
+                    scratch / ("%s-%s-2n.out" % (target.name, workload)),
+                )
                 for _ in range(repeat):
-                    short = measure_run(target, workload, requests, opts["--python"], scratch)
-                    long = measure_run(target, workload, 2 * requests, opts["--python"], scratch)
+                    short = measure_run(target, workload, requests, opts["--python"], runs[0])
+                    long = measure_run(target, workload, 2 * requests, opts["--python"], runs[1])
                     figures.append(ir_per_message(short, long, requests))
                 spread = "%.0f-%.0f" % (min(figures), max(figures)) if repeat > 1 else ""
                 print("%-24s %-10s %12.0f %12s" % (SHOWN[workload], target.name, statistics.median(figures), spread))
+                if top:
+                    ranked = profile_per_message(function_costs(runs[0]), function_costs(runs[1]), requests, top)
+                    for name, ir in ranked:
+                        print("    %10.0f  %s" % (ir, name))
                 sys.stdout.flush()
-    except (MsgcostError, ProcessError, OSError) as exc:
+    except (MsgcostError, ProcessError, OSError, subprocess.SubprocessError) as exc:
         sys.stderr.write("foo-harness msgcost: %s\n" % exc)
         return 1
     finally:
