@@ -28,7 +28,7 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from fooproxy import recovery
+from fooproxy import recovery, sdnotify
 from fooproxy.config import Config
 from fooproxy.health import Health, UpstreamChecker
 from fooproxy.http import HttpServer, make_app
@@ -228,6 +228,7 @@ class Services:
         if self.draining:
             return
         self.draining = True
+        sdnotify.notify("STOPPING=1")
         if self.reloader is not None:
             self.reloader.stop()
         if self.http is not None:
@@ -261,6 +262,8 @@ class Services:
             cfg.recovery_path or "off",
             os.getpid(),
         )
+        # Type=notify: systemd starts what depends on us only now, with the port accepting.
+        sdnotify.notify("READY=1\nMAINPID=%d" % os.getpid())
 
 
 def stop_signals(

@@ -151,6 +151,7 @@ class Supervisor:
         env = dict(os.environ)
         env[SHM_FD_ENV] = str(self.table.fd)
         env[MASTER_PID_ENV] = str(os.getpid())
+        env.pop("NOTIFY_SOCKET", None)  # readiness is the master's to tell (systemd's NotifyAccess=main)
         cmd = [sys.executable, "-m", "fooproxy", *self.argv, "--worker-id=%d" % slot.index]
         slot.ready = slot.killed = False
         slot.aborted_ns = 0
