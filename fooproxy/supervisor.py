@@ -1,18 +1,44 @@
 """Supervisor: the master process of ``-workers N`` (N > 1); it serves no clients itself.
 
 It composes the shared ``Services`` (HTTP, recovery, SIGUSR2, stop signals,
-all over the summed slots) with the workers' ``SlotTable``: one slot per
-worker and one "base" slot that only the master writes (the stats restored
-from the recovery file). It probes once that no other process holds the
-listen port, then starts each worker by fork+exec (see ``worker.py``)::
+all over the summed slots) with the workers' ``SlotTable``: two slots per
+worker position (the running generation's, and the one a rolling reload
+starts the next generation in) and one "base" slot that only the master
+writes (the stats restored from the recovery file). It probes once that no
+other process holds the listen port, binds one SO_REUSEPORT listening socket
+per worker position, then starts each worker by fork+exec (see
+``worker.py``)::
 
-    python -m fooproxy <the master's own flags> --worker-id=N
+    python -m fooproxy <the master's own flags> --worker-id=SLOT
 
-with the table's descriptor passed through (``pass_fds``). Exec, not a bare
-fork: the master runs a gevent hub (HTTP, timers, signal watchers), and a
-forked copy of it would carry all of that into the child. The master
-announces "listening on" only once every worker has stamped its first
-heartbeat.
+with the table's descriptor and the position's socket passed through
+(``pass_fds``). Exec, not a bare fork: the master runs a gevent hub (HTTP,
+timers, signal watchers), and a forked copy of it would carry all of that
+into the child. The master announces "listening on" only once every worker
+has stamped its first heartbeat.
+
+Why the master binds the sockets (engineering-notes #7 says each worker
+binds its own): a SO_REUSEPORT socket that closes drops the connections
+queued on it, and the kernel hashes new SYNs to the sockets of the group
+that exist at that instant. With sockets owned by the workers, a rolling
+reload would close the old workers' sockets with clients in their queues
+(refused or reset). Here the sockets live as long as the master: a worker
+that stops, dies or is replaced only stops accepting, and the next worker of
+that position accepts from the same queue, so no connection attempt is ever
+refused. Balancing is unchanged: there are still N sockets in the group, one
+accepted by each worker (what gunicorn PR #2938 warns about is one socket
+shared by all workers). The master never accepts on them.
+
+SIGHUP is a rolling reload (``reload``, through the ``Reloader``: one at a
+time, coalesced): re-read and validate the config (a bad one is rejected
+whole, nothing changes), start a new generation of N workers with it (a
+fresh ``python`` exec: upgraded code too) in the other slot of each
+position, wait until every one of them is ready, then SIGTERM the old
+generation, which stops accepting and drains within its ``-grace``; the
+reload ends when the old generation has exited, so a slot is free again
+before the next reload needs it. A new generation that does not get ready
+is stopped and the old one keeps serving. The old slots are never zeroed,
+so what the old workers counted stays in the sums exactly.
 
 The master sums all slots (``Snapshot.from_blocks``) for SIGUSR2, HTTP and
 recovery: exact totals, and 1 s / 10 s rates that are the sums of the
@@ -39,6 +65,7 @@ SIGQUIT (exit at once) to the workers and exit 1.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -49,11 +76,13 @@ import gevent
 import gevent.subprocess
 from gevent.event import Event
 
-from fooproxy.config import Config
-from fooproxy.listeners import StartupError, probe_free
+from fooproxy.config import Config, ConfigError
+from fooproxy.configfile import ConfigSource
+from fooproxy.listeners import StartupError, bind, probe_free
+from fooproxy.reload import Reloader, changes, keep_restart_only, read_config
 from fooproxy.services import Services, exit_now, stop_signals
 from fooproxy.stats import SlotTable, Snapshot, Stats
-from fooproxy.worker import HEARTBEAT_INTERVAL, MASTER_PID_ENV, SHM_FD_ENV, worker_preexec
+from fooproxy.worker import HEARTBEAT_INTERVAL, LISTEN_FD_ENV, MASTER_PID_ENV, SHM_FD_ENV, worker_preexec
 
 log = logging.getLogger("fooproxy.workers")
 
@@ -61,13 +90,27 @@ START_TIMEOUT = 30.0  # a worker must be accepting this soon after it was starte
 STOP_MARGIN = 5.0  # beyond -grace, how long the master waits for draining workers
 ABORT_GRACE = 3.0  # after SIGABRT to a stuck worker, how long before SIGKILL
 
+#: Settings a rolling reload cannot change (the rest go to the new generation, or to the master's Services).
+RESTART_ONLY = {
+    "listen": "needs a restart (the master holds the listening sockets across reloads)",
+    "workers": "needs a restart (the slot table is sized for it)",
+    "recovery_path": "needs a restart (the file is locked by this instance)",
+}
+
 
 # -- master ---------------------------------------------------------------------------------
 class _Slot:
     """One worker slot and the process currently serving it."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, position: int) -> None:
         self.index = index
+        #: Which listening socket its worker accepts on (slots ``p`` and ``p + N`` share position ``p``).
+        self.position = position
+        #: A new generation's slot while the reload waits for it: a death is a failed reload, not a respawn.
+        self.trial = False
+        self.failure: str | None = None
+        #: Its worker was told to drain (an old generation): when it exits, it is not replaced.
+        self.retired = False
         self.popen: gevent.subprocess.Popen | None = None
         self.started_ns = 0
         self.ready = False
@@ -85,15 +128,25 @@ class Supervisor:
         config: Config,
         argv: list[str],
         start_timeout: float = START_TIMEOUT,
+        source: ConfigSource | None = None,
     ) -> None:
         self.config = config
-        self.table = SlotTable.create(config.workers)
+        self.source = source
+        n = config.workers
+        # Two generations' room: the old one's counts stay in the sum while the new one starts.
+        self.table = SlotTable.create(2 * n)
         self.stats = Stats(block=self.table.base)
         self.services = Services(config, self.stats, snapshot=self._summed)
+        self.services.reloader = Reloader(self.reload)
         #: The master's own flags, passed on to every worker.
         self.argv = list(argv)
         self.start_timeout = start_timeout
-        self.slots = [_Slot(i) for i in range(config.workers)]
+        self.slots = [_Slot(i, i % n) for i in range(2 * n)]
+        #: The running generation: per position, its slot.
+        self.current = self.slots[:n]
+        #: Per position, the listening socket (bound in ``_serve``, kept until the master exits).
+        self.listeners: list = []
+        self.generation = 1
         self._stopping = Event()
         self._starting = True
         self._startup_error: str | None = None
@@ -104,13 +157,14 @@ class Supervisor:
 
     def worker_pids(self) -> list[int]:
         """PIDs of the workers running now."""
-        return [s.popen.pid for s in self.slots if s.popen is not None and s.popen.returncode is None]
+        return [s.popen.pid for s in self.current if s.popen is not None and s.popen.returncode is None]
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
         """Start the workers, serve HTTP/SIGUSR2 until a stop signal, stop them; the exit status."""
         services = self.services
-        services.announce(services.start(self._serve, stop_signals(self.request_stop, services.print_stats)))
+        signals = stop_signals(self.request_stop, services.print_stats, reload=services.reloader.request)
+        services.announce(services.start(self._serve, signals))
         return services.wait(self.shutdown)
 
     def _serve(self) -> str:
@@ -120,17 +174,18 @@ class Supervisor:
         # The workers bind with SO_REUSEPORT, which would silently share the port
         # with another fooproxy of the same user: refuse any holder once, here.
         probe_free(cfg.listen)
-        for slot in self.slots:
-            self._spawn(slot)
-            slot.greenlet = gevent.spawn(self._supervise, slot)
+        # One socket per position, for the master's whole life (see the module doc).
+        self.listeners = [bind(cfg.listen, reuse_port=True, probe=False) for _ in self.current]
+        for slot in self.current:
+            self._start(slot)
         try:
-            self._wait_ready()
+            self._wait_ready(self.current)
         except BaseException:
             self._stop_workers(timeout=STOP_MARGIN)
             raise
         self._starting = False
         self._monitor = gevent.spawn(self._watch_heartbeats)
-        return "%s (%d workers, pids %s)" % (cfg.listen, len(self.slots), " ".join(map(str, self.worker_pids())))
+        return "%s (%d workers, pids %s)" % (cfg.listen, len(self.current), " ".join(map(str, self.worker_pids())))
 
     def shutdown(self) -> None:
         """SIGTERM every worker; they drain within -grace. Then SIGKILL any left. Idempotent."""
@@ -144,12 +199,81 @@ class Supervisor:
             exit_now("second stop signal: exiting now")
         gevent.spawn(self.shutdown)
 
+    # -- rolling reload -----------------------------------------------------------------
+    def reload(self) -> str:
+        """SIGHUP (through the Reloader): a new generation of workers with the new config, then drain the old.
+
+        Raises ``ConfigError`` when the new settings do not validate, or when
+        the new generation does not get ready: then nothing has changed and
+        the old generation serves on. Returns what changed, for the reload line.
+        """
+        if self.services.draining or self._starting:
+            return "not applied: %s" % ("shutting down" if self.services.draining else "still starting")
+        old = self.config
+        new, notes = keep_restart_only(old, read_config(self.source, old), RESTART_ONLY)
+        n = len(self.current)
+        fresh = [self.slots[(s.index + n) % (2 * n)] for s in self.current]
+        busy = [s for s in fresh if s.popen is not None and s.popen.returncode is None]
+        if busy:  # the generation before the last one would not die (see _retire): its slots are taken
+            raise ConfigError("worker slots still taken by pids %s" % " ".join(str(s.popen.pid) for s in busy))
+        for slot in fresh:
+            slot.trial = True
+            slot.failure = None
+            self._start(slot)
+        try:
+            self._wait_ready(fresh)
+        except StartupError as exc:
+            self._retire(fresh, self.start_timeout)
+            raise ConfigError("new workers failed, the old ones serve on: %s" % exc) from None
+        finally:
+            for slot in fresh:
+                slot.trial = False
+        retired, self.current = self.current, fresh
+        self.generation += 1
+        notes += self.services.reconfigure(new)
+        new = dataclasses.replace(new, http=self.services.config.http, http_allow=self.services.config.http_allow)
+        self.config = new
+        old_pids = " ".join(str(s.popen.pid) for s in retired if s.popen is not None)
+        # The old generation stops accepting (the sockets stay, the new workers take the queue) and drains.
+        self._retire(retired, max(old.grace, new.grace) + STOP_MARGIN)
+        what = changes(old, new) + notes
+        return "; ".join(
+            [
+                *what,
+                "workers %s -> %s (generation %d)"
+                % (old_pids, " ".join(map(str, self.worker_pids())), self.generation),
+            ]
+        )
+
+    def _retire(self, slots: list[_Slot], timeout: float) -> None:
+        """SIGTERM the workers of ``slots`` (they drain, then exit; none is replaced); SIGKILL after ``timeout``."""
+        for slot in slots:
+            slot.retired = True
+            _kill(slot.popen, signal.SIGTERM)
+        waiting = [s.greenlet for s in slots if s.greenlet is not None]
+        gevent.joinall(waiting, timeout=timeout)
+        for slot in slots:
+            if slot.popen is not None and slot.popen.returncode is None:
+                log.warning(
+                    "worker %d (pid %d) still running after %gs: killing it", slot.index, slot.popen.pid, timeout
+                )
+                _kill(slot.popen, signal.SIGKILL)
+        gevent.joinall(waiting, timeout=STOP_MARGIN)
+
     # -- workers ------------------------------------------------------------------------
+    def _start(self, slot: _Slot) -> None:
+        """Start a worker in ``slot`` and the greenlet that supervises it."""
+        slot.retired = False
+        self._spawn(slot)
+        slot.greenlet = gevent.spawn(self._supervise, slot)
+
     def _spawn(self, slot: _Slot) -> None:
         # Only the master touches a slot between two workers, so this write races no one.
         self.table.reset(slot.index)
+        listener = self.listeners[slot.position]
         env = dict(os.environ)
         env[SHM_FD_ENV] = str(self.table.fd)
+        env[LISTEN_FD_ENV] = str(listener.fileno())
         env[MASTER_PID_ENV] = str(os.getpid())
         env.pop("NOTIFY_SOCKET", None)  # readiness is the master's to tell (systemd's NotifyAccess=main)
         cmd = [sys.executable, "-m", "fooproxy", *self.argv, "--worker-id=%d" % slot.index]
@@ -157,7 +281,11 @@ class Supervisor:
         slot.aborted_ns = 0
         slot.started_ns = time.monotonic_ns()
         slot.popen = gevent.subprocess.Popen(
-            cmd, stdin=gevent.subprocess.DEVNULL, env=env, pass_fds=[self.table.fd], preexec_fn=worker_preexec
+            cmd,
+            stdin=gevent.subprocess.DEVNULL,
+            env=env,
+            pass_fds=[self.table.fd, listener.fileno()],
+            preexec_fn=worker_preexec,
         )
         log.debug("worker %d: started pid %d", slot.index, slot.popen.pid)
 
@@ -172,8 +300,11 @@ class Supervisor:
                 lived = (time.monotonic_ns() - slot.started_ns) / 1e9
                 # Reaped: nothing writes the slot now. Its open connections died with it.
                 self.table.reset(slot.index)
-                if self._stopping.is_set():
+                if self._stopping.is_set() or slot.retired:
                     log.debug("worker %d (pid %d) %s", slot.index, popen.pid, _exit_text(rc))
+                    return
+                if slot.trial:
+                    slot.failure = "worker %d (pid %d) %s before it was ready" % (slot.index, popen.pid, _exit_text(rc))
                     return
                 if self._starting:
                     self._startup_error = "worker %d (pid %d) %s before it was ready" % (
@@ -203,11 +334,14 @@ class Supervisor:
                 log.error("worker %d: cannot start a replacement: %s", slot.index, exc)
                 slot.popen = None
 
-    def _wait_ready(self) -> None:
+    def _wait_ready(self, slots: list[_Slot]) -> None:
         deadline = time.monotonic() + self.start_timeout
-        while not all(self._check_ready(slot) for slot in self.slots):
-            if self._startup_error is not None:
-                raise StartupError(self._startup_error)
+        while not all(self._check_ready(slot) for slot in slots):
+            failed = self._startup_error or next((s.failure for s in slots if s.failure), None)
+            if failed is not None:
+                raise StartupError(failed)
+            if self._stopping.is_set():
+                raise StartupError("stopping")
             if time.monotonic() > deadline:
                 raise StartupError("workers not accepting within %gs" % self.start_timeout)
             gevent.sleep(0.01)
@@ -215,7 +349,7 @@ class Supervisor:
     def _check_ready(self, slot: _Slot) -> bool:
         if not slot.ready and slot.popen is not None and self.table.heartbeat_ns(slot.index):
             slot.ready = True
-            if not self._starting:
+            if not self._starting and not slot.trial:  # a replacement (a reload has its own line)
                 log.info("worker %d (pid %d) ready", slot.index, slot.popen.pid)
         return slot.ready
 
@@ -261,6 +395,7 @@ class Supervisor:
             log.info("stopping %d worker(s)", len(live))
         for slot in live:
             _kill(slot.popen, signal.SIGTERM)
+            slot.retired = True
         waiting = [s.greenlet for s in self.slots if s.greenlet is not None]
         gevent.joinall(waiting, timeout=timeout)
         late = [s for s in self.slots if s.popen is not None and s.popen.returncode is None]
@@ -290,6 +425,6 @@ def _exit_text(rc: int | None) -> str:
     return "exited with status %d" % rc
 
 
-def run_master(config: Config, argv: list[str]) -> int:
+def run_master(config: Config, argv: list[str], source: ConfigSource | None = None) -> int:
     """Entry point of ``fooproxy -workers N`` with N > 1."""
-    return Supervisor(config, argv).run()
+    return Supervisor(config, argv, source=source).run()

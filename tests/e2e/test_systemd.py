@@ -128,10 +128,9 @@ def test_ready_only_once_the_port_accepts_then_reloading_and_stopping(procs, tmp
         assert accepts(listen), first
         assert first.splitlines()[0] == "READY=1" and "MAINPID=%d" % proc.pid in first, first
         assert "listening on" in proc.stderr_text()
-        if workers == "1":
-            proc.send_signal(signal.SIGHUP)
-            assert notify.next(30).startswith("RELOADING=1")
-            assert notify.next(60) == "READY=1"
+        proc.send_signal(signal.SIGHUP)
+        assert notify.next(30).startswith("RELOADING=1")
+        assert notify.next(60) == "READY=1"
         proc.send_signal(signal.SIGTERM)
         assert notify.next(30) == "STOPPING=1"
         assert proc.wait(30) == 0
