@@ -111,7 +111,7 @@ def _num(x: float) -> str:
 
 
 def _worker_slot(text: str) -> int:
-    return in_range(positive_int(text, "--worker-id", allow_zero=True), "--worker-id", 0, 2 * max_workers())
+    return in_range(positive_int(text, "--worker-id", allow_zero=True), "--worker-id", 0, 3 * max_workers())
 
 
 def max_workers() -> int:
@@ -316,7 +316,7 @@ class Config:
             health_interval=_ranged(positive_float(opts["--health-interval"], "-health-interval"), "-health-interval"),
             workers=workers,
             heartbeat_timeout=_ranged(heartbeat, "-heartbeat-timeout"),
-            # Two slots per worker position (a rolling reload's two generations).
+            # Three slots per worker position (supervisor.SLOTS_PER_POSITION).
             worker_id=_worker_slot(worker_id) if worker_id else None,
         )
 

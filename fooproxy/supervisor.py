@@ -1,9 +1,10 @@
 """Supervisor: the master process of ``-workers N`` (N > 1); it serves no clients itself.
 
 It composes the shared ``Services`` (HTTP, recovery, SIGUSR2, stop signals,
-all over the summed slots) with the workers' ``SlotTable``: two slots per
-worker position (the running generation's, and the one a rolling reload
-starts the next generation in) and one "base" slot that only the master
+all over the summed slots) with the workers' ``SlotTable``: three slots per
+worker position (the running generation's, the one a rolling reload starts
+the next generation in, and one for a master restarted while two generations
+of orphans still drain) and one "base" slot that only the master
 writes (the stats restored from the recovery file). It probes once that no
 other process holds the listen port, binds one SO_REUSEPORT listening socket
 per worker position, then starts each worker by fork+exec (see
@@ -55,7 +56,15 @@ Failures:
   traceback on stderr (where it hung), as gunicorn does; if it is still
   there ``ABORT_GRACE`` seconds later (a stopped process), SIGKILL. Either
   way it is replaced.
-* Workers exit when the master dies (see ``worker.py``).
+* Workers exit when the master dies (see ``worker.py``): they drain within
+  ``-grace`` first, as orphans, still counting into the table. With a
+  recovery file the table is the file ``<recovery>.slots`` (under the same
+  lock), so a restarted master adopts it (``SlotTable.open_saved``: same
+  layout, same boot, sane values, not behind the recovery file, else a new
+  table and a warning), marks the slots whose orphans still run (pid alive,
+  heartbeat fresh), starts its own workers in other slots, and does not
+  restore the recovery file on top (the table holds it all: no double count).
+  A clean exit removes the table file after the final save.
 
 Signals: SIGTERM or SIGINT to the master sends SIGTERM to every worker; the
 workers drain within ``-grace``, the master waits for them, saves the final
@@ -76,12 +85,13 @@ import gevent
 import gevent.subprocess
 from gevent.event import Event
 
+from fooproxy import recovery
 from fooproxy.config import Config, ConfigError
 from fooproxy.configfile import ConfigSource
 from fooproxy.listeners import StartupError, bind, probe_free
 from fooproxy.reload import Reloader, changes, keep_restart_only, read_config
 from fooproxy.services import Services, exit_now, stop_signals
-from fooproxy.stats import SlotTable, Snapshot, Stats
+from fooproxy.stats import GAUGES, SlotTable, Snapshot, Stats
 from fooproxy.worker import HEARTBEAT_INTERVAL, LISTEN_FD_ENV, MASTER_PID_ENV, SHM_FD_ENV, worker_preexec
 
 log = logging.getLogger("fooproxy.workers")
@@ -89,6 +99,11 @@ log = logging.getLogger("fooproxy.workers")
 START_TIMEOUT = 30.0  # a worker must be accepting this soon after it was started
 STOP_MARGIN = 5.0  # beyond -grace, how long the master waits for draining workers
 ABORT_GRACE = 3.0  # after SIGABRT to a stuck worker, how long before SIGKILL
+
+#: Worker slots per position: a reload's two generations, and one for a restart beside two orphaned ones.
+SLOTS_PER_POSITION = 3
+#: A previous master's worker whose heartbeat is older than this is gone (it stamps every 0.5 s).
+ORPHAN_SILENCE = 3.0
 
 #: Settings a rolling reload cannot change (the rest go to the new generation, or to the master's Services).
 RESTART_ONLY = {
@@ -117,6 +132,8 @@ class _Slot:
         self.aborted_ns = 0  # when the master sent SIGABRT for a missed heartbeat (0: not)
         self.killed = False  # by the master (SIGABRT, then maybe SIGKILL), for a missed heartbeat
         self.quick_deaths = 0
+        #: The pid of a previous master's worker still writing this slot (0: none).
+        self.orphan = 0
         self.greenlet: gevent.Greenlet | None = None
 
 
@@ -133,16 +150,24 @@ class Supervisor:
         self.config = config
         self.source = source
         n = config.workers
-        # Two generations' room: the old one's counts stay in the sum while the new one starts.
-        self.table = SlotTable.create(2 * n)
+        # The lock guards the recovery file and the table file beside it: taken before either is read.
+        lock = recovery.lock(config.recovery_path, log) if config.recovery_path else None
+        # Room for three generations: a reload's two, and a third for a master restarted while
+        # the two it lost (kill -9 mid-reload) still drain as orphans. Slots are never zeroed.
+        self.table, self.adopted = _table(config.recovery_path, SLOTS_PER_POSITION * n)
         self.stats = Stats(block=self.table.base)
         self.services = Services(config, self.stats, snapshot=self._summed)
+        self.services.recovery_lock = lock
         self.services.reloader = Reloader(self.reload)
+        self.services.keep_saved = self._keep_saved
+        self.services.after_final_save = self._after_final_save
         #: The master's own flags, passed on to every worker.
         self.argv = list(argv)
         self.start_timeout = start_timeout
-        self.slots = [_Slot(i, i % n) for i in range(2 * n)]
-        #: The running generation: per position, its slot.
+        self.slots = [_Slot(i, i % n) for i in range(SLOTS_PER_POSITION * n)]
+        if self.adopted:
+            self._find_orphans()
+        #: The running generation: per position, its slot (chosen again in ``_serve``).
         self.current = self.slots[:n]
         #: Per position, the listening socket (bound in ``_serve``, kept until the master exits).
         self.listeners: list = []
@@ -154,6 +179,59 @@ class Supervisor:
 
     def _summed(self) -> Snapshot:
         return self.table.snapshot(self.stats.started)
+
+    # -- the table a killed master left (issue 16: orphaned workers) --------------------
+    def _find_orphans(self) -> None:
+        """Mark the slots whose workers outlived the previous master; reset the dead ones' gauges."""
+        for slot in self.slots:
+            if _orphan_alive(self.table, slot.index):
+                slot.orphan = self.table.pid(slot.index)
+            else:
+                self.table.reset(slot.index)
+
+    def _keep_saved(self, saved: Snapshot) -> bool:
+        """Services' restore hook: an adopted table already holds the recovery file's counts (and more)."""
+        if not self.adopted:
+            return True
+        table = self.table.snapshot(self.stats.started).totals
+        behind = [k for k, v in saved.totals.items() if k not in GAUGES and table.get(k, 0) < v]
+        if behind:  # the file moved on without this table (a single process ran since): the table is stale
+            log.warning("%s: older than the recovery file (%s); not adopted", self.table.path, ", ".join(behind))
+            self.table.zero()
+            self.adopted = False
+            for slot in self.slots:
+                slot.orphan = 0
+            return True
+        return False
+
+    def _log_adopted(self) -> None:
+        orphans = [s.orphan for s in self.slots if s.orphan]
+        log.info(
+            "adopted the stats table of the previous master from %s: %d messages%s",
+            self.table.path,
+            self.table.snapshot(self.stats.started).as_dict()["msg_total"],
+            "; orphaned workers still draining, counted as they finish: pids %s" % " ".join(map(str, orphans))
+            if orphans
+            else "",
+        )
+
+    def _after_final_save(self, saved: bool) -> None:
+        """A clean exit: the recovery file has everything, so no table is left to adopt (unless orphans run)."""
+        self._check_orphans()
+        if saved and not any(s.orphan for s in self.slots):
+            self.table.remove()
+
+    def _check_orphans(self) -> None:
+        for slot in self.slots:
+            if slot.orphan and not _orphan_alive(self.table, slot.index):
+                log.info(
+                    "orphaned worker (pid %d, slot %d) has exited; its %d messages stay counted",
+                    slot.orphan,
+                    slot.index,
+                    self.table.messages(slot.index),
+                )
+                self.table.reset(slot.index)
+                slot.orphan = 0
 
     def worker_pids(self) -> list[int]:
         """PIDs of the workers running now."""
@@ -176,6 +254,10 @@ class Supervisor:
         probe_free(cfg.listen)
         # One socket per position, for the master's whole life (see the module doc).
         self.listeners = [bind(cfg.listen, reuse_port=True, probe=False) for _ in self.current]
+        if self.adopted:
+            self._log_adopted()
+        # Per position, a slot no orphan of a previous master still writes.
+        self.current = [self._free_slot(p, []) for p in range(len(self.current))]
         for slot in self.current:
             self._start(slot)
         try:
@@ -211,11 +293,10 @@ class Supervisor:
             return "not applied: %s" % ("shutting down" if self.services.draining else "still starting")
         old = self.config
         new, notes = keep_restart_only(old, read_config(self.source, old), RESTART_ONLY)
-        n = len(self.current)
-        fresh = [self.slots[(s.index + n) % (2 * n)] for s in self.current]
-        busy = [s for s in fresh if s.popen is not None and s.popen.returncode is None]
-        if busy:  # the generation before the last one would not die (see _retire): its slots are taken
-            raise ConfigError("worker slots still taken by pids %s" % " ".join(str(s.popen.pid) for s in busy))
+        try:
+            fresh = [self._free_slot(s.position, [s]) for s in self.current]
+        except StartupError as exc:
+            raise ConfigError(str(exc)) from None
         for slot in fresh:
             slot.trial = True
             slot.failure = None
@@ -261,6 +342,15 @@ class Supervisor:
         gevent.joinall(waiting, timeout=STOP_MARGIN)
 
     # -- workers ------------------------------------------------------------------------
+    def _free_slot(self, position: int, taken: list[_Slot]) -> _Slot:
+        """A slot of ``position`` that no running worker or orphan writes, and not in ``taken``."""
+        for slot in self.slots:
+            if slot.position != position or slot in taken or slot.orphan:
+                continue
+            if slot.popen is None or slot.popen.returncode is not None:
+                return slot
+        raise StartupError("no free slot for worker position %d (a generation is still draining)" % position)
+
     def _start(self, slot: _Slot) -> None:
         """Start a worker in ``slot`` and the greenlet that supervises it."""
         slot.retired = False
@@ -287,6 +377,7 @@ class Supervisor:
             pass_fds=[self.table.fd, listener.fileno()],
             preexec_fn=worker_preexec,
         )
+        self.table.set_pid(slot.index, slot.popen.pid)
         log.debug("worker %d: started pid %d", slot.index, slot.popen.pid)
 
     def _supervise(self, slot: _Slot) -> None:
@@ -356,6 +447,7 @@ class Supervisor:
     def _watch_heartbeats(self) -> None:
         """Abort, then kill, a worker that stopped stamping its heartbeat, or never started to."""
         while not self._stopping.wait(HEARTBEAT_INTERVAL):
+            self._check_orphans()
             now = time.monotonic_ns()
             for slot in self.slots:
                 popen = slot.popen
@@ -403,6 +495,45 @@ class Supervisor:
             log.warning("worker %d (pid %d) still running after %gs: killing it", slot.index, slot.popen.pid, timeout)
             _kill(slot.popen, signal.SIGKILL)
         gevent.joinall(waiting, timeout=STOP_MARGIN)
+
+
+def _table(recovery_path: str | None, slots: int) -> tuple[SlotTable, bool]:
+    """The table file beside the recovery file, adopted if a previous master left a valid one."""
+    if not recovery_path:
+        return SlotTable.create(slots), False
+    path = recovery_path + ".slots"
+    table, problem = SlotTable.open_saved(path, slots)
+    if table is not None:
+        return table, True
+    if problem is not None:
+        log.warning(
+            "%s: %s; starting a new one (counts since the last save of the recovery file are lost)", path, problem
+        )
+    try:
+        return SlotTable.create(slots, path), False
+    except OSError as exc:  # an unwritable directory: the recovery file reports it; the table goes in memory
+        log.warning("%s: cannot create it (%s): the stats table is in memory only", path, exc.strerror or exc)
+        return SlotTable.create(slots), False
+
+
+def _orphan_alive(table: SlotTable, index: int) -> bool:
+    """A previous master's worker still runs in ``index``: its pid exists and its heartbeat is fresh."""
+    pid = table.pid(index)
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:  # exited, not yet reaped by whoever adopted it (init, a subreaper)
+        with open("/proc/%d/stat" % pid, "rb") as handle:
+            if handle.read().rpartition(b")")[2].split()[0] in (b"Z", b"X"):
+                return False
+    except (OSError, IndexError):
+        pass
+    return (time.monotonic_ns() - table.heartbeat_ns(index)) / 1e9 < ORPHAN_SILENCE
 
 
 def _kill(popen: gevent.subprocess.Popen | None, sig: int) -> None:
