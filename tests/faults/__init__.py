@@ -16,6 +16,7 @@ Which test covers which class (and defect of issue 16 §1):
 Internal session errors (``errors_internal``, /health degraded while they rise) are
 tested in ``tests/integration/test_internal_errors.py``, which plants a raising
 ``Stats.record`` in a real session.
-Not covered yet (still open): orphaned workers' traffic after kill -9 of the master.
+Orphaned workers' traffic after kill -9 of the master, adopted by the next master
+from the slot-table file, is tested in ``tests/e2e/test_orphans.py``.
 Hostile servers are covered by the e2e and integration suites (``tests/integration/test_chaos.py``).
 """
