@@ -32,21 +32,22 @@
   // -- charts -----------------------------------------------------------------------
   function chart(id, series) {
     var fig = $(id), el = fig.querySelector(".plot");
+    var height = function () { return window.matchMedia("(max-width: 640px)").matches ? 150 : 200; };
     var opts = {
-      width: Math.max(el.clientWidth, 200), height: el.clientHeight || 200,
+      width: Math.max(el.clientWidth, 200), height: height(),
       legend: { show: true, live: false },
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: function (u, min, max) { return [0, Math.max(max * 1.1, 1)]; } } },
       axes: [{}, { size: 56 }],
       series: [{}].concat(series.map(function (s) {
-        return { label: s.label, stroke: s.color, width: 2, fill: s.fill || undefined, spanGaps: false,
+        return { label: s.label, stroke: s.color, width: 2, fill: s.fill || undefined, dash: s.dash, spanGaps: false,
           value: function (u, v) { return fmt(v); } };
       }))
     };
     var data = [[]].concat(series.map(function () { return []; }));
     var u = new uPlot(opts, data, el);
     if (window.ResizeObserver) {
-      new ResizeObserver(function () { u.setSize({ width: Math.max(el.clientWidth, 200), height: el.clientHeight || 200 }); }).observe(el);
+      new ResizeObserver(function () { u.setSize({ width: Math.max(el.clientWidth, 200), height: height() }); }).observe(el);
     }
     return { fig: fig, u: u, fields: series.map(function (s) { return s.field; }) };
   }
@@ -54,10 +55,10 @@
   var charts = [
     chart("chart-rates", [
       { label: "REQ/s", field: "request_rate_1s", color: "#2563eb" },
-      { label: "responses/s", field: "response_rate_1s", color: "#16a34a" }]),
+      { label: "responses/s", field: "response_rate_1s", color: "#16a34a", dash: [6, 4] }]),
     chart("chart-latency", [
       { label: "p50 ms", field: P50, color: "#d97706" },
-      { label: "p99 ms", field: P99, color: "#dc2626" }]),
+      { label: "p99 ms", field: P99, color: "#dc2626", dash: [6, 4] }]),
     chart("chart-conns", [
       { label: "open", field: "connections_active", color: "#7c3aed", fill: "rgba(124,58,237,.08)" }])
   ];
@@ -81,10 +82,15 @@
 
   // -- numbers ------------------------------------------------------------------------
   function fill(dl, keys, stats) {
-    var html = keys.map(function (k) {
-      return "<dt>" + k + "</dt><dd data-field=\"" + k + "\">" + fmt(stats[k]) + "</dd>";
-    }).join("");
-    if (dl.innerHTML !== html) dl.innerHTML = html;
+    // The rows are built once per set of fields; after that only their text changes.
+    if (dl.dataset.keys !== keys.join(",")) {
+      dl.innerHTML = keys.map(function (k) { return "<dt>" + k + "</dt><dd data-field=\"" + k + "\"></dd>"; }).join("");
+      dl.dataset.keys = keys.join(",");
+    }
+    dl.querySelectorAll("dd").forEach(function (dd) {
+      var text = fmt(stats[dd.dataset.field]);
+      if (dd.textContent !== text) dd.textContent = text;
+    });
   }
 
   function yesno(id, value, good, yes, no) {
