@@ -282,6 +282,19 @@ class _Handler(WSGIHandler):
         )
         return "400", _BAD_RESPONSE
 
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        # A client that stops reading a response (a stalled live page) times out our send:
+        # that is the client's doing, not an internal error; one short line, no traceback.
+        if isinstance(v, TimeoutError):
+            self.close_connection = True
+            self.server.note(
+                "stalled",
+                "HTTP: client %s stopped reading for %gs; closed"
+                % (_peer(self.client_address), self.server.idle_timeout),
+            )
+            return
+        super().handle_error(t, v, tb)
+
     def log_error(self, msg: str, *args: Any) -> None:
         # Everything pywsgi reports about a client: one short line, rate-limited.
         self.server.note("error", "HTTP: client %s: %s" % (_peer(self.client_address), str(msg)[:60]))

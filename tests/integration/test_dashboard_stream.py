@@ -199,3 +199,27 @@ def test_the_page_and_its_files_are_served(live) -> None:
     assert sock.recv(4096).startswith(b"HTTP/1.1 404 ")
     sock.close()
     gevent.sleep(0)
+
+
+def test_a_page_that_stops_reading_is_closed_in_one_line_without_a_traceback(capfd, caplog) -> None:
+    big = {"field_%d" % i: "x" * 100 for i in range(600)}  # 60 KB a sample: the socket buffers fill in a second
+    samples = LiveSamples(lambda: big, interval=0.01)
+    app = make_app(Stats().snapshot, lambda: (True, {}), live=samples)
+    server = HttpServer(Address("127.0.0.1", 0), app, idle_timeout=0.3)
+    server.start()
+    samples.start()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        with caplog.at_level("WARNING", logger="fooproxy.http"):
+            sock.connect(("127.0.0.1", server.address.port))
+            sock.sendall(b"GET /stats/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert wait_until(lambda: samples.streams == 1, 3)
+            # Never read: the send times out after 0.3 s without progress and the stream ends.
+            assert wait_until(lambda: samples.streams == 0, 10), "a stalled page kept its stream"
+    finally:
+        sock.close()
+        samples.stop()
+        server.stop(timeout=0.5)
+    assert any("stopped reading" in r.getMessage() for r in caplog.records), caplog.text
+    assert "Traceback" not in capfd.readouterr().err
