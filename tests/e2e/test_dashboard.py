@@ -6,7 +6,9 @@ of REQs; the test reads what a person sees on the page: the totals (they
 must equal SIGUSR2's), the rate shown (near the generated one), the charts'
 points, "no latency data" while this build has no latency fields, the
 "disconnected, reconnecting…" line while the proxy is down, and the page
-coming back by itself after a restart on the same ports. Screenshots (laptop
+coming back by itself after a restart on the same ports. A stand-in process
+whose stats carry the latency fields (``latency_p50_ms``, ``latency_p99_ms``:
+another branch adds them) shows that the page charts them by name. Screenshots (laptop
 and phone width) are saved under the test's directory, and also in
 ``$FOO_ARTEFACTS_DIR`` when that is set (``docs/dashboard.png`` is made so).
 
@@ -28,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from harness import tasks
-from harness.processes import free_port
+from harness.processes import Process, free_port
 from harness.sigusr2 import read_stats_when_idle
 from tests.helpers import wait_until
 
@@ -241,3 +243,43 @@ def test_live_page_shows_the_traffic_and_survives_a_restart(procs, server, brows
         5,
         "the page's totals %s to be the new proxy's %s" % (shown_totals(driver), want),
     )
+
+
+#: A stand-in for a build whose /stats has the latency fields (another branch adds them): the real
+#: HTTP server and LiveSamples, in their own process, over a stats object that carries them.
+LATENCY_SOURCE = """
+import itertools, sys, gevent
+from fooproxy.config import Address
+from fooproxy.dashboard import LiveSamples
+from fooproxy.http import HttpServer, make_app
+from fooproxy.stats import Stats
+n = itertools.count()
+def stats():
+    d = Stats().snapshot().as_dict()
+    i = next(n)
+    d.update(latency_p50_ms=2.0 + i % 3, latency_p90_ms=5.0, latency_p99_ms=9.0 + i % 5, latency_max_ms=20.0)
+    return d
+live = LiveSamples(stats, lambda: {"upstream_up": 1.0, "draining": 0.0}, info={"version": "t", "workers": 1})
+HttpServer(Address("127.0.0.1", int(sys.argv[1])), make_app(Stats().snapshot, lambda: (True, {}), live=live)).start()
+live.start()
+gevent.sleep(120)
+"""
+
+
+def test_latency_fields_when_present_are_charted_by_name(procs, browser, tmp_path) -> None:
+    driver = browser
+    port = free_port()
+    procs.add(
+        Process(
+            [sys.executable, "-c", LATENCY_SOURCE, str(port)], name="latency-page", ready_listen=port, log_dir=tmp_path
+        ).start()
+    )
+    driver.get("http://127.0.0.1:%d/" % port)
+    waited(lambda: state(driver) == "live", 15, "the page to connect")
+    waited(lambda: points(driver, "chart-latency") >= 6, 10, "latency points")  # p50 and p99, 3 samples
+    assert "nodata" not in driver.find_element("id", "chart-latency").get_attribute("class")
+    assert not driver.find_element("id", "latency-empty").is_displayed()
+    p50, p99 = shown(driver, "now-p50"), shown(driver, "now-p99")
+    assert p50.endswith(" ms") and 2 <= float(p50[:-3]) <= 4, p50
+    assert p99.endswith(" ms") and 9 <= float(p99[:-3]) <= 13, p99
+    assert shown_number(driver, "latency_max_ms") == 20.0  # the other latency fields are listed with the counters
