@@ -7,6 +7,7 @@ browser's EventSource gets (chunked, one event per chunk).
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 
@@ -223,3 +224,22 @@ def test_a_page_that_stops_reading_is_closed_in_one_line_without_a_traceback(cap
         server.stop(timeout=0.5)
     assert any("stopped reading" in r.getMessage() for r in caplog.records), caplog.text
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_http_allow_covers_the_page_and_the_stream() -> None:
+    samples = LiveSamples(lambda: {"x": 1}, interval=INTERVAL)
+    app = make_app(Stats().snapshot, lambda: (True, {}), live=samples)
+    server = HttpServer(Address("127.0.0.1", 0), app, allow=[ipaddress.ip_network("10.0.0.0/8")])
+    server.start()
+    samples.start()
+    samples.server = server  # type: ignore[attr-defined]
+    try:
+        for path in ("/", "/stats/stream", "/static/uPlot.iife.min.js"):
+            sock = open_stream(samples, path)
+            sock.settimeout(5)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 403 "), path
+            sock.close()
+        assert samples.streams == 0
+    finally:
+        samples.stop()
+        server.stop(timeout=0.5)
