@@ -19,6 +19,7 @@ pages can never hold every slot and lock ``/health`` out.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -34,6 +35,8 @@ from gevent.event import Event
 HISTORY_S = 300
 #: Seconds between samples.
 INTERVAL_S = 1.0
+#: Longest a stream stays without writing (a comment line when no sample came).
+KEEPALIVE_S = 5.0
 #: Live pages at once (each holds one HTTP connection of the 256).
 MAX_STREAMS = 32
 #: The page's files, served under /static/ (and the page itself at / and /dashboard).
@@ -59,8 +62,9 @@ _log = logging.getLogger("fooproxy.dashboard")
 GetStats = Callable[[], Mapping[str, Any]]
 
 
+@functools.cache
 def load_static() -> dict[str, tuple[str, bytes]]:
-    """``{name: (content type, bytes)}`` of the page's files, read from the package (at start, once)."""
+    """``{name: (content type, bytes)}`` of the page's files, read from the package once per process (at start)."""
     out = {}
     root = resources.files("fooproxy") / "static"
     for name in STATIC_FILES:
@@ -90,6 +94,7 @@ class LiveSamples:
         interval: float = INTERVAL_S,
         history: int = HISTORY_S,
         max_streams: int = MAX_STREAMS,
+        keepalive: float = KEEPALIVE_S,
         clock: Callable[[], float] = time.time,
         logger: logging.Logger | None = None,
     ) -> None:
@@ -98,6 +103,7 @@ class LiveSamples:
         self.info = dict(info or {})
         self.interval = interval
         self.max_streams = max_streams
+        self.keepalive = keepalive
         self._clock = clock
         self.log = logger or _log
         #: Encoded samples, oldest first.
@@ -172,16 +178,21 @@ class LiveSamples:
         try:
             info = json.dumps(self.info, separators=(",", ":")).encode()
             history = b"[" + b",".join(self.ring) + b"]"
+            sent = self.taken  # the history holds every sample up to here
             # retry: how soon (ms) the browser reconnects after losing us (a restart).
             yield b"retry: 1000\n\n" + sse("info", info) + sse("history", history)
-            sent = self.taken
             while not self._stopped:
-                self._tick.wait()
-                if self._stopped:
-                    break
-                if self.taken != sent and self.ring:
-                    sent = self.taken
-                    yield sse("sample", self.ring[-1])
+                if self.taken == sent:
+                    self._tick.wait(timeout=self.keepalive)
+                    if self._stopped:
+                        break
+                    if self.taken == sent:  # no sample for a while (a bug of ours): a comment still finds a gone client
+                        yield b": no sample\n\n"
+                        continue
+                # Every sample since the last one sent (more than one if a write was slow), oldest first.
+                missed = min(self.taken - sent, len(self.ring))
+                sent = self.taken
+                yield b"".join(sse("sample", self.ring[-i]) for i in range(missed, 0, -1))
         finally:
             self.streams -= 1
 

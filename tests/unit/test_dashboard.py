@@ -73,3 +73,17 @@ def test_the_page_and_every_file_it_names_are_in_the_package() -> None:
         "http://www.w3.org/2000/svg",
         "http://www.w3.org/1999/xhtml",
     }
+
+
+def test_a_stream_sends_every_sample_it_missed_and_a_comment_when_none_comes() -> None:
+    n = iter(range(100))
+    live = LiveSamples(lambda: {"n": next(n)}, keepalive=0.05)
+    body = live.stream()
+    next(body)  # the history (empty)
+    for _ in range(3):  # three samples while the page's last write was still going
+        live.take()
+    chunk = next(body)
+    assert [json.loads(part.split(b"data: ", 1)[1])["stats"]["n"] for part in chunk.split(b"\n\n") if part] == [0, 1, 2]
+    assert next(body) == b": no sample\n\n"  # nothing for 0.05 s: a comment, which finds a client that has gone
+    live.stop()
+    assert list(body) == [] and live.streams == 0
