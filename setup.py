@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fooproxy", "fooproxy.*", "harness", "harness.*"]),
+    # The live page's files (fooproxy/static/README.md says where the vendored uPlot comes from).
+    package_data={"fooproxy": ["static/*"]},
     python_requires=">=3.11",
     install_requires=[
         "gevent>=24.10.1,<27",
@@ -23,6 +25,8 @@ setup(
             "build>=1.0,<2",
             # gevent's monitor thread (GEVENT_MONITOR_THREAD_ENABLE, on in tests) warns on stderr without it.
             "psutil>=5.9,<8",
+            # The live page's browser test (tests/e2e/test_dashboard.py) drives Debian's chromium.
+            "selenium>=4.20,<5",
         ],
         "load": [
             "locust>=2.20,<3",

@@ -1,4 +1,4 @@
-"""HTTP endpoint: /health (/status, /heartbeat), /stats and /metrics on gevent.pywsgi.
+"""HTTP endpoint: /health (/status, /heartbeat), /stats, /metrics and the live page on gevent.pywsgi.
 
 ``make_app`` is a plain WSGI callable that dispatches on ``PATH_INFO``;
 ``HttpServer`` runs it on a ``WSGIServer`` with its own connection limit, so
@@ -46,6 +46,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 from fooproxy.config import Address
+from fooproxy.dashboard import LiveSamples, page_routes
 from fooproxy.listeners import StartupError, bind
 from fooproxy.metrics import GetExtra, GetSnapshot, make_registry
 from fooproxy.ratelimit import RepeatFilter
@@ -78,18 +79,24 @@ def make_app(
     get_extra: GetExtra | None = None,
     registry: CollectorRegistry | None = None,
     logger: logging.Logger | None = None,
+    live: LiveSamples | None = None,
 ) -> WSGIApp:
-    """The WSGI app for /health, /stats and /metrics.
+    """The WSGI app for /health, /stats and /metrics (and, given ``live``, the live page).
 
     ``get_health() -> (ok, detail)``: 200 with ``{"status": "ok", **detail}``
     or 503 with ``{"status": "unavailable", "reason": ..., **detail}``
     (``detail`` may override ``status``, e.g. ``"degraded"``).
     ``/stats`` is exactly ``json.dumps(get_snapshot().as_dict())``.
     ``/metrics`` is served from ``registry`` (default: ``make_registry(get_snapshot, get_extra)``).
+    With ``live``: the page at ``/`` and ``/dashboard``, its files under
+    ``/static/`` (read from the package now, once) and ``/stats/stream``
+    (Server-Sent Events from ``live``; 503 beyond ``live.max_streams``).
     """
     log = logger or _log
     if registry is None:
         registry = make_registry(get_snapshot, get_extra)
+    pages = page_routes() if live is not None else {}
+    stream_path = "/stats/stream" if live is not None else None
 
     def health() -> tuple[str, list[tuple[str, str]], bytes]:
         ok, detail = get_health()
@@ -113,7 +120,9 @@ def make_app(
     def app(environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
-        known = path in HEALTH_PATHS or path in ("/stats", "/metrics")
+        known = path in HEALTH_PATHS or path in ("/stats", "/metrics") or path in pages or path == stream_path
+        if known and path == stream_path and method in ("GET", "HEAD") and live is not None:
+            return stream(method, start_response)
         try:
             if not known:
                 status, headers, body = "404 Not Found", [("Content-Type", "text/plain")], b"not found\n"
@@ -127,6 +136,9 @@ def make_app(
                 status, headers, body = health()
             elif path == "/stats":
                 status, headers, body = stats()
+            elif path in pages:
+                content_type, body = pages[path]
+                status, headers = "200 OK", [("Content-Type", content_type)]
             else:
                 status, headers, body = metrics(environ)
         except Exception:
@@ -137,6 +149,22 @@ def make_app(
         start_response(status, headers)
         # HEAD: same headers (Content-Length of the GET body), no body.
         return [] if method == "HEAD" else [body]
+
+    def stream(method: str, start_response: StartResponse) -> Iterable[bytes]:
+        assert live is not None
+        if live.full():
+            body = b"too many live pages open (%d)\n" % live.max_streams
+            start_response(
+                "503 Service Unavailable",
+                [("Content-Type", "text/plain"), ("Content-Length", str(len(body))), ("Retry-After", "5")],
+            )
+            return [] if method == "HEAD" else [body]
+        # No Content-Length: pywsgi sends the body chunked, one chunk per event, as it comes.
+        start_response(
+            "200 OK",
+            [("Content-Type", "text/event-stream"), ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")],
+        )
+        return [] if method == "HEAD" else live.stream()
 
     return app
 
@@ -253,6 +281,19 @@ class _Handler(WSGIHandler):
             "bad", "HTTP: bad request from %s (%s); answered 400" % (_peer(self.client_address), ex.__class__.__name__)
         )
         return "400", _BAD_RESPONSE
+
+    def handle_error(self, t: Any, v: Any, tb: Any) -> None:
+        # A client that stops reading a response (a stalled live page) times out our send:
+        # that is the client's doing, not an internal error; one short line, no traceback.
+        if isinstance(v, TimeoutError):
+            self.close_connection = True
+            self.server.note(
+                "stalled",
+                "HTTP: client %s stopped reading for %gs; closed"
+                % (_peer(self.client_address), self.server.idle_timeout),
+            )
+            return
+        super().handle_error(t, v, tb)
 
     def log_error(self, msg: str, *args: Any) -> None:
         # Everything pywsgi reports about a client: one short line, rate-limited.

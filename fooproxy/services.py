@@ -3,7 +3,8 @@
 A single process and a worker run a Proxy, the master of ``-workers N`` runs
 the Supervisor; each of them composes one ``Services`` (it subclasses none of
 them): the recovery file (restore at start, the ``Saver``), the HTTP server
-(``/health``, ``/stats``, ``/metrics``), the upstream health checker, the
+(``/health``, ``/stats``, ``/metrics``, the live page and its one-second
+samples, ``dashboard.LiveSamples``), the upstream health checker, the
 SIGUSR2 stats printer, and the stop signals. ``Services`` also owns the
 process's lifecycle: ``start``/``run`` wait for a stop, ``shutdown`` drains
 the job, then stops the services in order. The job is two callables:
@@ -30,6 +31,7 @@ from gevent.lock import Semaphore
 
 from fooproxy import recovery, sdnotify
 from fooproxy.config import Config
+from fooproxy.dashboard import LiveSamples
 from fooproxy.health import Health, UpstreamChecker
 from fooproxy.http import HttpServer, make_app
 from fooproxy.listeners import StartupError
@@ -108,6 +110,8 @@ class Services:
         self.recovery_lock: recovery.RecoveryLock | None = None
         self.checker: UpstreamChecker | None = None
         self.health: Health | None = None
+        #: The live page's samples, while HTTP is on (kept across an HTTP rebind: its history stays).
+        self.live: LiveSamples | None = None
         #: Set by the job when it reloads on SIGHUP (``reload.Reloader``); stopped at shutdown.
         self.reloader: Reloader | None = None
         #: Whether to restore a saved snapshot (the master says no when its adopted table holds it already).
@@ -147,6 +151,8 @@ class Services:
             self.checker.start()
         if self.saver is not None:
             self.saver.start()
+        if self.live is not None:
+            self.live.start()
         return where
 
     def _http_server(self, cfg: Config) -> HttpServer:
@@ -159,7 +165,14 @@ class Services:
             is_draining=lambda: self.draining,
             internal_errors=lambda: self.snapshot().totals.get("errors_internal", 0),
         )
-        app = make_app(self.snapshot, self.health, get_extra=self.health.gauges)
+        if self.live is None:
+            self.live = LiveSamples(
+                lambda: self.snapshot().as_dict(),
+                lambda: self.health.gauges() if self.health is not None else {},
+                info={"version": _version(), "workers": cfg.workers},
+                logger=log,
+            )
+        app = make_app(self.snapshot, self.health, get_extra=self.health.gauges, live=self.live)
         return HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
 
     @staticmethod
@@ -204,6 +217,8 @@ class Services:
                 return False
             self.http = server
             self.checker.start()
+            if self.live is not None:
+                self.live.start()
         if old_checker is not None:
             old_checker.stop()
         if old_http is not None:
@@ -241,6 +256,8 @@ class Services:
         drain()
         if self.checker is not None:
             self.checker.stop()
+        if self.live is not None:
+            self.live.stop()  # the live pages' streams end here, so they do not hold up HTTP's stop
         if self.http is not None:
             self.http.stop(timeout=1)
         if self.saver is not None:

@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
+import urllib.request
 import venv
 import zipfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fooproxy import __version__
+from fooproxy.dashboard import STATIC_FILES
 from harness.processes import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +45,8 @@ def test_build_gives_a_wheel_and_an_sdist_with_only_the_runtime_requirements(dis
         names = whl.namelist()
         metadata = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "fooproxy/__main__.py" in names
+    # The live page works offline: its files, the vendored uPlot and its licence are in the wheel.
+    assert {"fooproxy/static/" + f for f in STATIC_FILES} <= set(names), sorted(n for n in names if "static" in n)
     assert any(n.startswith("harness/") and n.endswith("locustfile.py") for n in names), names
     # Requires-Dist without an `extra ==` marker is what `pip install fooproxy` pulls in.
     runtime = {
@@ -50,6 +55,9 @@ def test_build_gives_a_wheel_and_an_sdist_with_only_the_runtime_requirements(dis
         if line.startswith("Requires-Dist:") and "extra ==" not in line
     }
     assert runtime == RUNTIME, runtime
+    with tarfile.open(sdists[0]) as sdist:
+        members = {m.split("/", 1)[1] for m in sdist.getnames() if "/" in m}
+    assert {"fooproxy/static/" + f for f in STATIC_FILES} <= members, sorted(m for m in members if "static" in m)
 
 
 def test_the_wheel_installs_in_a_fresh_venv_and_proxies_a_client(dist: Path, tmp_path: Path) -> None:
@@ -73,7 +81,7 @@ def test_the_wheel_installs_in_a_fresh_venv_and_proxies_a_client(dist: Path, tmp
     assert res.returncode == 0 and __version__ in res.stdout, res.stdout + res.stderr
 
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    server_port, proxy_port = free_port(), free_port()
+    server_port, proxy_port, http_port = free_port(), free_port(), free_port()
     server = Process(
         [str(bin_dir / "foo-server"), "-listen", "127.0.0.1:%d" % server_port],
         env=clean_env,
@@ -89,7 +97,7 @@ def test_the_wheel_installs_in_a_fresh_venv_and_proxies_a_client(dist: Path, tmp
             "-listen",
             "127.0.0.1:%d" % proxy_port,
             "-http",
-            "off",
+            "127.0.0.1:%d" % http_port,
             "-recovery-path",
             "off",
         ],
@@ -100,4 +108,8 @@ def test_the_wheel_installs_in_a_fresh_venv_and_proxies_a_client(dist: Path, tmp
     )
     with server.start(), proxy.start():
         res = _run([str(bin_dir / "foo-client"), "-connect", "127.0.0.1:%d" % proxy_port], timeout=60, env=clean_env)
+        # The live page and the vendored chart library come from the installed wheel.
+        for path, needle in (("/", b"/stats/stream"), ("/static/uPlot.iife.min.js", b"uPlot")):
+            with urllib.request.urlopen("http://127.0.0.1:%d%s" % (http_port, path), timeout=10) as resp:
+                assert resp.status == 200 and needle in resp.read(), path
     assert res.returncode == 0 and res.stdout.strip().endswith("OK!"), (res.stdout, res.stderr, proxy.tail())
