@@ -90,7 +90,7 @@ def test_leastconn_sends_new_sessions_to_the_least_busy(mini_server, proxy_for):
     for c in on_a:  # a is now idle, b still has two
         c.close()
     assert wait_until(lambda: upstreams(d)[str(a.address)]["sessions_active"] == 0)
-    for i in range(2):
+    for _ in range(2):
         held.append(connect(d.address))
         held[-1].sendall(b"REQ 9 x\n")
         assert read_lines(held[-1], 1) == [b"ACK 9 ok"]
