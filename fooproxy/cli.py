@@ -40,8 +40,8 @@ Options:
   --connect-retries N        A client whose upstream connect fails is tried on up to N
                              other upstreams before it is closed; 0 to 15 [default: {connect_retries}].
   --max-fails N              Connect failures within -health-interval that take an
-                             upstream out of rotation until its health check passes;
-                             0 = never, else 1 to 1000 [default: {max_fails}].
+                             upstream out of rotation until its health check passes
+                             (0 = never); 0 to 1000 [default: {max_fails}].
   --http ADDR                Serve /health, /stats and /metrics on ADDR; "off" disables
                              [default: {http}].
   --http-allow CIDRS         Source networks the HTTP endpoint answers, comma-separated
