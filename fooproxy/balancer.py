@@ -201,7 +201,7 @@ class Balancer:
 
     def prepare(self) -> None:
         """Resolve every upstream now and start the health checks (the Proxy calls this at start)."""
-        for upstream in self.upstreams:
+        for upstream in list(self.upstreams):  # (a resolve may yield)
             upstream.connector.prepare()
         if not self._started:
             self._started = True
@@ -345,7 +345,13 @@ class Balancer:
 
     # -- reload ---------------------------------------------------------------------
     def update(self, new: Config) -> list[str]:
-        """A reload: apply ``new``'s upstreams and settings in place; notes for the reload line."""
+        """A reload: apply ``new``'s upstreams and settings in place; notes for the reload line.
+
+        Nothing here yields to the hub: the new connectors (a pool or not, as
+        ``connects_from_hub`` now says) are in place at once. The caller tells
+        the Proxy, then calls ``prepare()`` (which resolves the new addresses,
+        and may yield).
+        """
         old = self.config
         self.config = new
         if not self.checks and (len(new.forward) > 1 or new.http is not None):
@@ -356,11 +362,9 @@ class Balancer:
             upstream = kept.pop(str(address), None)
             if upstream is None:
                 upstream = Upstream(address, self)
-                upstream.connector.prepare()
             else:
                 if any(getattr(old, f) != getattr(new, f) for f in CONNECTOR_SETTINGS):
                     previous, upstream.connector = upstream.connector, self.new_connector(upstream)
-                    upstream.connector.prepare()
                     self._retire_connector(previous)  # its open sessions release to it (their Lease)
                 if any(getattr(old, f) != getattr(new, f) for f in CHECKER_SETTINGS):
                     self._stop_checkers([upstream])

@@ -97,8 +97,9 @@ class Dispatcher:
         new = dataclasses.replace(new, http=self.services.config.http, http_allow=self.services.config.http_allow)
         if any(getattr(old, name) != getattr(new, name) for name in BALANCER_FIELDS):
             notes += self.connector.update(new)  # upstreams added and removed in place; sessions stay
-        self.proxy.reconfigure(new)
+        self.proxy.reconfigure(new)  # in the same hub turn: the Proxy asks for connections the new way
         self.config = new
+        self.connector.prepare()  # resolve new upstreams (may yield: everything is consistent now)
         return "; ".join(changes(old, new) + notes)
 
     def _drain(self) -> None:

@@ -285,8 +285,8 @@ class Health:
             detail["upstreams_up"] = "%d/%d" % (len(up_now), len(states))
             detail["upstreams"] = {s["address"]: {k: v for k, v in s.items() if k != "address"} for s in states}
             if states and not up_now:
-                reasons.append("no upstream up: " + "; ".join(
-                    "%s %s" % (s["address"], s.get("last_error") or s["state"]) for s in states))  # fmt: skip
+                why = ("%s unreachable: %s" % (s["address"], s.get("last_error") or s["state"]) for s in states)
+                reasons.append("no upstream up: " + "; ".join(why))
         if self.saver is None:
             detail["persistence"] = "disabled"
         elif self.saver.healthy:
