@@ -265,23 +265,23 @@ class Balancer:
             return None
         if not tried:
             self._cursor += 1  # one step per session, not per retry
-        order = self._order()
-        for upstream in order:
-            if upstream.up and upstream not in tried:
-                return upstream
-        for upstream in order:  # none healthy left (panic): still try, it may be back
+        for upstream in self._order():  # healthy ones first; the others only when no healthy one is left
             if upstream not in tried:
                 return upstream
         return None
 
     def _order(self) -> list[Upstream]:
-        ups = self.upstreams
-        policy = self.config.balance
-        if policy == "first" or len(ups) < 2:
-            return list(ups)
-        start = self._cursor % len(ups)
+        """The upstreams in rotation in policy order, then the others (panic) in the same order."""
+        healthy = [u for u in self.upstreams if u.up]
+        others = [u for u in self.upstreams if not u.up]
+        return self._by_policy(healthy) + self._by_policy(others)
+
+    def _by_policy(self, ups: list[Upstream]) -> list[Upstream]:
+        if self.config.balance == "first" or len(ups) < 2:
+            return ups
+        start = self._cursor % len(ups)  # round robin over these: a down one's share is spread evenly
         rotated = ups[start:] + ups[:start]
-        if policy == "leastconn":
+        if self.config.balance == "leastconn":
             rotated.sort(key=lambda u: u.active)  # stable: ties stay in round-robin order
         return rotated
 
