@@ -100,6 +100,8 @@ class Upstream:
 
     def publish(self) -> None:
         """Write the ``up`` cell of this upstream's stats entry."""
+        if self.removed and any(u.name == self.name for u in self.balancer.upstreams):
+            return  # removed, then added again by a later reload: the entry is the new one's now
         self.balancer.stats.set_upstream(self.entry, "up", REMOVED if self.removed else (UP if self.up else DOWN))
 
     # -- events ---------------------------------------------------------------
@@ -369,6 +371,7 @@ class Balancer:
                 if any(getattr(old, f) != getattr(new, f) for f in CHECKER_SETTINGS):
                     self._stop_checkers([upstream])
             upstreams.append(upstream)
+        self.upstreams = upstreams
         notes = []
         for gone in kept.values():  # removed: out of rotation, sessions finish, connector closes after them
             gone.removed = True
@@ -377,7 +380,6 @@ class Balancer:
             gone.publish()
             if gone.active:
                 notes.append("upstream %s removed: its %d open session(s) finish on it" % (gone.name, gone.active))
-        self.upstreams = upstreams
         for upstream in upstreams:
             upstream.publish()
             if self._started:

@@ -248,3 +248,22 @@ def test_per_upstream_counts_merge_across_blocks_by_address():
     row = snap.as_dict()["upstreams"]["127.0.0.1:1"]
     assert row == {"up": True, "sessions_active": 0, "sessions_total": 7, "messages": 3}
     assert snap.totals["msg_req"] == 2  # the plain counters still count
+
+
+def test_an_upstream_removed_then_added_again_shares_its_entry(mini_server, proxy_for):
+    a, b = mini_server(), mini_server()
+    d = proxy_for((a.address, b.address), balance="first", health_interval=3600)
+    held = connect(d.address)
+    held.sendall(b"REQ 1 x\n")
+    assert read_lines(held, 1) == [b"ACK 1 ok"]  # on a (first)
+    d.connector.update(Config(listen=d.config.listen, forward=(b.address,), health_interval=3600, balance="first"))
+    assert upstreams(d)[str(a.address)]["removed"]
+    d.connector.update(Config(listen=d.config.listen, forward=(a.address, b.address), health_interval=3600,
+                              balance="first"))  # fmt: skip
+    assert session(d.address, 2) == [b"ACK 2 ok"]  # on the new a
+    assert wait_until(lambda: upstreams(d)[str(a.address)]["sessions_active"] == 1)  # that one has ended
+    row = upstreams(d)[str(a.address)]
+    assert row == {"up": True, "sessions_active": 1, "sessions_total": 2, "messages": 4}
+    held.close()  # the old a's session ends: the entry it shares stays up
+    assert wait_until(lambda: upstreams(d)[str(a.address)]["sessions_active"] == 0)
+    assert upstreams(d)[str(a.address)]["up"] is True
