@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.workers > 1:
             from fooproxy.supervisor import run_master
 
-            return run_master(config, args)
+            return run_master(config, args, source)
         from fooproxy.dispatcher import Dispatcher
 
         return Dispatcher(config, source=source).run()

@@ -110,6 +110,10 @@ def _num(x: float) -> str:
     return "%d" % x if float(x).is_integer() and abs(x) < 1e15 else "%g" % x
 
 
+def _worker_slot(text: str) -> int:
+    return in_range(positive_int(text, "--worker-id", allow_zero=True), "--worker-id", 0, 3 * max_workers())
+
+
 def max_workers() -> int:
     """The most ``-workers`` accepted here: 4 per usable core, at least 4.
 
@@ -365,9 +369,8 @@ class Config:
             health_interval=_ranged(positive_float(opts["--health-interval"], "-health-interval"), "-health-interval"),
             workers=workers,
             heartbeat_timeout=_ranged(heartbeat, "-heartbeat-timeout"),
-            worker_id=in_range(positive_int(worker_id, "--worker-id", allow_zero=True), "--worker-id", 0, max_workers())
-            if worker_id
-            else None,
+            # Three slots per worker position (supervisor.SLOTS_PER_POSITION).
+            worker_id=_worker_slot(worker_id) if worker_id else None,
         )
 
 

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import gevent
 
+from fooproxy import sdnotify
 from fooproxy.config import Config, ConfigError
 from fooproxy.configfile import ConfigSource, read_file
 
@@ -138,6 +139,7 @@ class Reloader:
 
     def _once(self) -> None:
         started = time.monotonic()
+        sdnotify.notify("RELOADING=1")  # systemctl reload waits for the READY=1 below
         try:
             what = self.apply()
         except ConfigError as exc:
@@ -147,6 +149,7 @@ class Reloader:
         else:
             self.log.info("reload: %s (%.3fs)", what or "nothing changed", time.monotonic() - started)
         self.runs += 1
+        sdnotify.notify("READY=1")
 
     def stop(self) -> None:
         """At shutdown: no reload after this one (a reload in progress is left to finish)."""

@@ -28,7 +28,7 @@ import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from fooproxy import recovery
+from fooproxy import recovery, sdnotify
 from fooproxy.config import Config
 from fooproxy.health import CheckerGroup, Health, UpstreamView
 from fooproxy.http import HttpServer, make_app
@@ -114,6 +114,10 @@ class Services:
         self.health: Health | None = None
         #: Set by the job when it reloads on SIGHUP (``reload.Reloader``); stopped at shutdown.
         self.reloader: Reloader | None = None
+        #: Whether to restore a saved snapshot (the master says no when its adopted table holds it already).
+        self.keep_saved: Callable[[Snapshot], bool] = lambda _saved: True
+        #: Run after the final save, with its success (the master removes its table file then).
+        self.after_final_save: Callable[[bool], None] | None = None
         self.print_stats = StatsPrinter(self.snapshot)
         self.draining = False
         self._stopped = Event()
@@ -130,9 +134,10 @@ class Services:
         cfg = self.config
         if cfg.recovery_path:
             # Before anything reads or moves the file: a second instance stops here (exit 1).
-            self.recovery_lock = recovery.lock(cfg.recovery_path, log)
+            if self.recovery_lock is None:  # the master takes it earlier (it guards its table file too)
+                self.recovery_lock = recovery.lock(cfg.recovery_path, log)
             saved = recovery.load(cfg.recovery_path, log)  # blocking, but only at start
-            if saved is not None:
+            if saved is not None and self.keep_saved(saved):
                 self.stats.restore(saved)
                 log.info("restored stats from %s: %d messages", cfg.recovery_path, saved.as_dict()["msg_total"])
             self.saver = recovery.Saver(cfg.recovery_path, self.snapshot, logger=log)
@@ -243,6 +248,7 @@ class Services:
         if self.draining:
             return
         self.draining = True
+        sdnotify.notify("STOPPING=1")
         if self.reloader is not None:
             self.reloader.stop()
         if self.http is not None:
@@ -254,7 +260,9 @@ class Services:
             self.http.stop(timeout=1)
         if self.saver is not None:
             self.saver.stop()
-            self.saver.save_now()
+            saved = self.saver.save_now()
+            if self.after_final_save is not None:
+                self.after_final_save(saved)
         if self.recovery_lock is not None:
             self.recovery_lock.release()
         for handler in self._signals:
@@ -276,6 +284,8 @@ class Services:
             cfg.recovery_path or "off",
             os.getpid(),
         )
+        # Type=notify: systemd starts what depends on us only now, with the port accepting.
+        sdnotify.notify("READY=1\nMAINPID=%d" % os.getpid())
 
 
 def stop_signals(

@@ -8,14 +8,19 @@ plain value: it sums with ``+``, turns into the SIGUSR2/``/stats`` JSON with
 ``as_dict()``, and carries its window buckets for the recovery file.
 
 ``SlotTable`` is the shared ``mmap`` of ``-workers N``, laid out here beside
-the block it holds: per slot a few supervision cells (the heartbeat; not
-metrics, never summed or shown), then one stats block.
+the block it holds: per slot a few supervision cells (the heartbeat and the
+pid of its worker; not metrics, never summed or shown), then one stats block.
+The base slot's supervision cells hold the table's header (magic, layout,
+slot count, boot id). With a recovery file the table is a file beside it
+(``<recovery>.slots``), so that a master killed with -9 leaves its orphaned
+workers' counts where a restarted master finds them (``open_saved``).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -327,10 +332,25 @@ def _merge_upstreams(into: dict[str, dict[str, int]], rows: dict[str, dict[str, 
 #: Cells before each slot's stats block: supervision data, not metrics.
 SUPERVISION_CELLS = 8
 _HEARTBEAT = 0  # time.monotonic_ns() of the worker's last stamp; 0 = not ready
+_PID = 1  # the pid of the worker in the slot (written by the master at spawn); 0 = none
+# The header, in the base slot's supervision cells (the base slot has no worker).
+_MAGIC, _LAYOUT, _COUNT, _BOOT = 0, 1, 2, 3
+MAGIC = int.from_bytes(b"fooslot1", "little")
+#: A saved table's counts must be below this (as the recovery file's: int64 cells, never near overflow).
+MAX_SAVED = 1 << 62
 SLOT_CELLS = SUPERVISION_CELLS + BLOCK_CELLS
 SLOT_BYTES = SLOT_CELLS * 8
 _GAUGE_CELLS = tuple(_IDX[name] for name in sorted(GAUGES))
 _MESSAGE_CELLS = (_REQ, _ACK, _NAK)
+
+
+def boot_id() -> int:
+    """This boot's id (60 bits of the kernel's boot_id): monotonic times compare only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return int(handle.read().strip().replace("-", "")[:15], 16)
+    except (OSError, ValueError):
+        return 0
 
 
 class SlotTable:
@@ -342,8 +362,10 @@ class SlotTable:
     gauges and heartbeat.
     """
 
-    def __init__(self, fd: int, mapping: mmap.mmap) -> None:
+    def __init__(self, fd: int, mapping: mmap.mmap, path: str | None = None) -> None:
         self.fd = fd
+        #: The file behind the table (None: anonymous memory).
+        self.path = path
         self._mmap = mapping
         count = len(mapping) // SLOT_BYTES
         if count < 2 or len(mapping) % SLOT_BYTES:
@@ -358,17 +380,84 @@ class SlotTable:
             slot.release()
 
     @classmethod
-    def create(cls, workers: int) -> SlotTable:
-        """A zeroed table for ``workers`` workers, in an anonymous file (no name to clean up)."""
+    def create(cls, workers: int, path: str | None = None) -> SlotTable:
+        """A zeroed table for ``workers`` worker slots: at ``path`` (put in place by a rename, so a
+        file or symlink planted there is replaced, never written through), or in an anonymous file."""
         size = (workers + 1) * SLOT_BYTES
+        if path is not None:
+            fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=os.path.dirname(path) or ".")
+            try:
+                os.ftruncate(fd, size)
+                os.rename(tmp, path)
+            except BaseException:
+                os.close(fd)
+                os.unlink(tmp)
+                raise
+        else:
+            try:
+                fd = os.memfd_create("fooproxy-stats")
+            except (AttributeError, OSError):  # not Linux, or an old kernel
+                fd, tmp = tempfile.mkstemp(prefix="fooproxy-stats-")
+                os.unlink(tmp)
+            os.ftruncate(fd, size)  # reads as zeros
+        table = cls(fd, mmap.mmap(fd, size), path)
+        table._stamp()
+        return table
+
+    @classmethod
+    def open_saved(cls, path: str, workers: int) -> tuple[SlotTable | None, str | None]:
+        """The table a previous master left at ``path``: ``(table, None)``; ``(None, None)`` when
+        there is none; ``(None, why)`` when it cannot be trusted (layout, boot, values)."""
         try:
-            fd = os.memfd_create("fooproxy-stats")
-        except (AttributeError, OSError):  # not Linux, or an old kernel
-            handle, path = tempfile.mkstemp(prefix="fooproxy-stats-")
-            os.unlink(path)
-            fd = handle
-        os.ftruncate(fd, size)  # reads as zeros
-        return cls(fd, mmap.mmap(fd, size))
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            return None, "cannot open it: %s" % (exc.strerror or exc)
+        size = (workers + 1) * SLOT_BYTES
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            os.close(fd)
+            return None, "not a table for %d worker slots (%d bytes, want %d)" % (workers, info.st_size, size)
+        table = cls(fd, mmap.mmap(fd, size), path)
+        problem = table._check()
+        if problem is not None:
+            table.close()
+            return None, problem
+        return table, None
+
+    def _stamp(self) -> None:
+        header = self._supervision[-1]
+        header[_MAGIC], header[_LAYOUT], header[_COUNT], header[_BOOT] = MAGIC, SLOT_CELLS, self.workers, boot_id()
+
+    def _check(self) -> str | None:
+        header = self._supervision[-1]
+        if (header[_MAGIC], header[_LAYOUT], header[_COUNT]) != (MAGIC, SLOT_CELLS, self.workers):
+            return "not a table of this version"
+        if header[_BOOT] != boot_id():
+            return "written before the last reboot"
+        newest = timetable.bucket_of(time.monotonic()) + 1
+        for block in self.blocks:
+            if any(not 0 <= block[i] < MAX_SAVED for i in range(len(COUNTERS))):
+                return "a counter out of range"
+            ring = block[_HEADER:]
+            if any(ring[i] > newest or ring[i] < 0 for i in range(0, timetable.CELLS, _STRIDE)):
+                return "a time bucket from the future"
+        return None
+
+    def zero(self) -> None:
+        """Every cell back to 0 (a saved table found stale before any worker started), header kept."""
+        for view in (*self.blocks, *self._supervision):
+            view[:] = memoryview(bytes(len(view) * 8)).cast("q")
+        self._stamp()
+
+    def remove(self) -> None:
+        """Remove the table's file (a clean exit, after the final save: nothing is left to adopt)."""
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
 
     @classmethod
     def attach(cls, fd: int) -> SlotTable:
@@ -383,6 +472,14 @@ class SlotTable:
     def beat(self, slot: int, now_ns: int) -> None:
         """Stamp ``slot``'s heartbeat (its worker, every heartbeat interval)."""
         self._supervision[slot][_HEARTBEAT] = now_ns
+
+    def set_pid(self, slot: int, pid: int) -> None:
+        """Record the pid of the worker started in ``slot`` (the master, at spawn)."""
+        self._supervision[slot][_PID] = pid
+
+    def pid(self, slot: int) -> int:
+        """The pid of the worker last started in ``slot`` (0: none since the slot was reset)."""
+        return self._supervision[slot][_PID]
 
     def heartbeat_ns(self, slot: int) -> int:
         """The last heartbeat stamped in ``slot`` (``time.monotonic_ns()``), 0 before the first."""
@@ -408,6 +505,7 @@ class SlotTable:
                 block[_entry_at(entry) + _UP_FIELD["up"]] = REMOVED
                 block[_entry_at(entry) + _UP_FIELD["sessions_active"]] = 0
         self._supervision[slot][_HEARTBEAT] = 0
+        self._supervision[slot][_PID] = 0
 
     def snapshot(self, started: float, now: float | None = None) -> Snapshot:
         """All stats blocks summed, as of ``now`` (default: the system-wide monotonic clock)."""

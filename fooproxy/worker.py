@@ -1,13 +1,18 @@
 """Worker: one of the N processes of ``-workers N``; it serves clients on the shared port.
 
 Started by the master (``supervisor.py``) by fork+exec as
-``python -m fooproxy <the master's flags> --worker-id=N``, with the shared
-``SlotTable``'s descriptor passed through. A worker composes a ``Proxy`` on
-its *own* SO_REUSEPORT listener (so the kernel balances new connections across
-workers) with the shared ``Services``, minus HTTP and the recovery file (the
-master serves those over the summed slots). It writes its stats into its
-slot's block and stamps its slot's heartbeat every ``HEARTBEAT_INTERVAL``; the
-first stamp, right after it starts accepting, tells the master it is ready.
+``python -m fooproxy <the master's flags> --worker-id=SLOT``, with the shared
+``SlotTable``'s descriptor and its position's listening socket passed
+through. A worker composes a ``Proxy`` on that socket (one SO_REUSEPORT socket
+per worker position, bound once by the master and kept across reloads, so
+the kernel balances new connections across the positions and a rolling
+reload never closes a listen queue; see ``supervisor.py``) with the shared
+``Services``, minus HTTP and the recovery file (the master serves those over
+the summed slots). It writes its stats into its slot's block and stamps its
+slot's heartbeat every ``HEARTBEAT_INTERVAL``; the first stamp, right after it
+starts accepting, tells the master it is ready. On SIGTERM it stops
+accepting (the socket stays open in the master, for the worker that takes
+its place) and drains its sessions within ``-grace``.
 
 All of a worker's signal behaviour is here:
 
@@ -41,9 +46,10 @@ import sys
 import time
 
 import gevent
+from gevent import socket
 
 from fooproxy.config import Config
-from fooproxy.listeners import StartupError, bind
+from fooproxy.listeners import StartupError
 from fooproxy.proxy import Proxy, connector_for
 from fooproxy.services import Services, bound, harmless_signals
 from fooproxy.stats import SlotTable, Stats
@@ -53,6 +59,7 @@ log = logging.getLogger("fooproxy.workers")
 #: Internal: how the master tells a worker where the table is and who its master is.
 SHM_FD_ENV = "FOOPROXY_WORKER_SHM_FD"
 MASTER_PID_ENV = "FOOPROXY_MASTER_PID"
+LISTEN_FD_ENV = "FOOPROXY_WORKER_LISTEN_FD"
 HEARTBEAT_INTERVAL = 0.5  # seconds between a worker's heartbeat stamps
 _PR_SET_PDEATHSIG = 1
 
@@ -86,12 +93,13 @@ def worker_reload() -> None:
 class Worker:
     """One worker process: a Proxy on the shared port, stats in its slot, a heartbeat."""
 
-    def __init__(self, config: Config, table: SlotTable, master_pid: int) -> None:
+    def __init__(self, config: Config, table: SlotTable, master_pid: int, listen_fd: int) -> None:
         assert config.worker_id is not None
         self.config = config
         self.slot = config.worker_id
         self.table = table
         self.master_pid = master_pid
+        self.listen_fd = listen_fd
         self.stats = Stats(block=table.blocks[self.slot])
         self.connector = connector_for(config, self.stats)
         self.services = Services(config, self.stats)
@@ -110,9 +118,8 @@ class Worker:
 
     def _serve(self) -> str:
         cfg = self.config
-        # Its own socket, bound after exec: an inherited one would not be balanced.
-        # No probe: the siblings hold this port, and the master probed it once.
-        listener = bind(cfg.listen, reuse_port=True, probe=False)
+        # The master's socket for this position, already listening (one per position: balanced).
+        listener = socket.socket(fileno=self.listen_fd)
         self.proxy = Proxy(listener, cfg, self.stats, self.connector, max_accept=1)
         self.proxy.start()
         self.table.beat(self.slot, time.monotonic_ns())  # ready: the master may announce
@@ -153,6 +160,7 @@ def run_worker(config: Config) -> int:
     try:
         fd = int(os.environ.pop(SHM_FD_ENV))
         master_pid = int(os.environ.pop(MASTER_PID_ENV))
+        listen_fd = int(os.environ.pop(LISTEN_FD_ENV))
     except (KeyError, ValueError):
         raise StartupError("--worker-id is internal: run -workers N and the master starts the workers") from None
     assert config.worker_id is not None
@@ -165,4 +173,4 @@ def run_worker(config: Config) -> int:
     faulthandler.enable(file=sys.stderr, all_threads=True)
     # The master serves HTTP and saves the recovery file; a worker only proxies.
     cfg = dataclasses.replace(config, http=None, recovery_path=None)
-    return Worker(cfg, table, master_pid).run()
+    return Worker(cfg, table, master_pid, listen_fd).run()

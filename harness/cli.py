@@ -26,11 +26,12 @@ Commands:
   demo    Start a Foo server and fooproxy, run clients through it, print and check the stats.
   swarm   Locust load through fooproxy (harness.bench.swarm).
   bench   Direct vs through-proxy benchmark table (harness.bench.bench).
+  msgcost Instructions per message through fooproxy and HAProxy, by callgrind (harness.bench.msgcost).
 
 Options:
   -h --help  Show this help and exit.
 
-Run "foo-harness <command> -h" for a command's options (demo, swarm, bench).
+Run "foo-harness <command> -h" for a command's options (demo, swarm, bench, msgcost).
 """
 
 DEMO_USAGE = """\
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return e2e(args)
     if command == "demo":
         return demo_main(args)
-    if command in ("swarm", "bench"):
+    if command in ("swarm", "bench", "msgcost"):
         return delegate(command, args)
     return _usage_error("unknown command %r" % command)
 

@@ -13,7 +13,10 @@ Which test covers which class (and defect of issue 16 §1):
   SIGUSR1/SIGHUP to a single proxy and -workers 2);
 - careless operators: ``test_flags`` (bad flags and ranges, forwarding to itself).
 
-Not covered yet (still open): orphaned workers' traffic after kill -9 of the master,
-and ``errors_internal`` / /health degraded on internal session errors (issue 16 §2).
+Internal session errors (``errors_internal``, /health degraded while they rise) are
+tested in ``tests/integration/test_internal_errors.py``, which plants a raising
+``Stats.record`` in a real session.
+Orphaned workers' traffic after kill -9 of the master, adopted by the next master
+from the slot-table file, is tested in ``tests/e2e/test_orphans.py``.
 Hostile servers are covered by the e2e and integration suites (``tests/integration/test_chaos.py``).
 """
