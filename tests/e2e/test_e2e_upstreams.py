@@ -237,3 +237,31 @@ def test_per_upstream_counts_are_exact_with_workers(procs, peers):
     assert sum(rows[s.address]["sessions_total"] for s in (a, b)) == 12
     assert sum(rows[s.address]["messages"] for s in (a, b)) == stats["msg_total"] == 2400
     assert all(rows[s.address]["sessions_total"] > 0 for s in (a, b))
+
+
+def test_rolling_reload_with_workers_moves_the_upstreams(procs, peers, tmp_path):
+    a, b, c = procs.server(peers), procs.server(peers), procs.server(peers)
+    listen, http = tasks.local_address(), tasks.local_address()
+    path = tmp_path / "fooproxy.toml"
+    base = dict(listen=listen, http=http, recovery_path="off", workers=2, grace=2, health_interval=0.5)
+    write_config(path, forward=[a.address, b.address], **base)
+    proxy = procs.add(tasks.Service([*fooproxy_command(), "-config", str(path)], listen, name="fooproxy",
+                                    env=tasks.proxy_env(), log_dir=tmp_path, ready_regex="listening on"))  # fmt: skip
+    proxy.start()
+    first = tasks.run_clients_parallel(listen, 6, concurrency=3, peers=peers)
+    assert all(r.ok for r in first), [r.describe() for r in first if not r.ok][:2]
+    assert poll(lambda: http_get(http, "/stats")[1]["connections_active"] == 0)
+    on_a = upstreams(http)[a.address]["sessions_total"]
+    write_config(path, forward=[b.address, c.address], **base)
+    line = sighup_and_wait(proxy, timeout=60)
+    assert "forward %s,%s -> %s,%s" % (a.address, b.address, b.address, c.address) in line, line
+    second = tasks.run_clients_parallel(listen, 6, concurrency=3, peers=peers)
+    assert all(r.ok for r in second), [r.describe() for r in second if not r.ok][:2]
+    # Once the old generation has drained and left, a is no longer shown; b's counts span both generations.
+    assert poll(lambda: a.address not in upstreams(http), timeout=20), upstreams(http)
+    assert poll(lambda: http_get(http, "/stats")[1]["connections_active"] == 0)
+    stats = tasks.signal_stats(proxy)
+    rows = stats["upstreams"]
+    assert set(rows) == {b.address, c.address} and rows[c.address]["sessions_total"] > 0
+    assert on_a + sum(r["sessions_total"] for r in rows.values()) == 12 == stats["connections_total"]
+    assert tasks.check_counts(stats, 12) == []
