@@ -32,7 +32,16 @@ Options:
   --check-config             Validate the settings (file and flags), print them and exit:
                              0 if valid, 2 with the error otherwise.
   --listen ADDR              Accept clients on ADDR (:port, host:port, [v6]:port) [default: {listen}].
-  --forward ADDR             Forward to the Foo server at ADDR [default: {forward}].
+  --forward ADDRS            Forward to the Foo server(s) at ADDRS: one address or a
+                             comma-separated list (a:8001,b:8001), at most 16, each
+                             distinct [default: {forward}].
+  --balance POLICY           How a new session picks an upstream: roundrobin, leastconn,
+                             or first (failover in the order of -forward) [default: {balance}].
+  --connect-retries N        A client whose upstream connect fails is tried on up to N
+                             other upstreams before it is closed; 0 to 15 [default: {connect_retries}].
+  --max-fails N              Connect failures within -health-interval that take an
+                             upstream out of rotation until its health check passes
+                             (0 = never); 0 to 1000 [default: {max_fails}].
   --http ADDR                Serve /health, /stats and /metrics on ADDR; "off" disables
                              [default: {http}].
   --http-allow CIDRS         Source networks the HTTP endpoint answers, comma-separated
@@ -62,8 +71,8 @@ Options:
                              it is owed before closing the upstream; 0 to 3600 [default: {linger}].
   --grace SECONDS            On SIGTERM/SIGINT, let open sessions finish for this long;
                              0 to 3600 [default: {grace}].
-  --health-interval SECONDS  How often /health checks that the upstream accepts
-                             connections; 0.1 to 3600 [default: {health_interval}].
+  --health-interval SECONDS  How often each upstream is checked (it accepts
+                             connections); 0.1 to 3600 [default: {health_interval}].
   --log-level LEVEL          debug, info, warning or error [default: {log_level}].
   --worker-id N              (internal) run as worker N of a master process.
 

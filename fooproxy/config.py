@@ -141,6 +141,8 @@ RANGES: dict[str, tuple[float, float, bool]] = {
     "-linger": (0, 3600, False),
     "-grace": (0, 3600, False),
     "-health-interval": (0.1, 3600, False),
+    "-connect-retries": (0, 15, False),
+    "-max-fails": (0, 1000, False),
 }
 
 
@@ -214,6 +216,36 @@ def _is_local(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     return True
 
 
+#: The most ``-forward`` upstreams (the stats block has a fixed-size section for them).
+MAX_UPSTREAMS = 16
+#: The longest upstream address, as text (it is the key of its stats entry).
+MAX_ADDRESS_BYTES = 256
+#: ``-balance`` policies; the first is the default.
+POLICIES = ("roundrobin", "leastconn", "first")
+
+
+def parse_forward(text: str, listen: Address) -> tuple[Address, ...]:
+    """``-forward a:8001,b:8001``: one or more upstreams, each distinct, none the proxy itself."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items) or not all(items):
+        raise ConfigError("-forward: empty address in %r (a list is a:8001,b:8001)" % text)
+    if len(items) > MAX_UPSTREAMS:
+        raise ConfigError("-forward: at most %d upstreams, got %d" % (MAX_UPSTREAMS, len(items)))
+    out: list[Address] = []
+    seen: dict[tuple[str, int], str] = {}
+    for item in items:
+        address = parse_address(item, "-forward")
+        if len(str(address).encode("utf-8")) > MAX_ADDRESS_BYTES:
+            raise ConfigError("-forward: address longer than %d bytes: %.40r..." % (MAX_ADDRESS_BYTES, item))
+        key = (address.connect_host.lower(), address.port)
+        if key in seen:
+            raise ConfigError("-forward: %s is given twice (as %s and %s)" % (address, seen[key], item))
+        seen[key] = item
+        refuse_self_forward(listen, address)
+        out.append(address)
+    return tuple(out)
+
+
 def optional(text: str) -> str | None:
     """``off`` / ``none`` / empty disable an optional feature."""
     return None if text.strip().lower() in ("", "off", "none", "no", "0", "false") else text
@@ -251,7 +283,15 @@ class Config:
     """Everything the proxy needs to run."""
 
     listen: Address = Address("", 8002)
-    forward: Address = Address("", 8001)
+    #: The upstreams, in the order given (``first`` fails over in this order). A single
+    #: ``Address`` given in code is taken as a list of one.
+    forward: tuple[Address, ...] = (Address("", 8001),)
+    #: ``-balance``: how new sessions pick an upstream (one of ``POLICIES``).
+    balance: str = "roundrobin"
+    #: A client whose upstream connect fails is retried on this many other upstreams.
+    connect_retries: int = 1
+    #: Connect failures within ``health_interval`` that take an upstream out of rotation (0: never).
+    max_fails: int = 2
     http: Address | None = Address("127.0.0.1", 8088)
     #: Source networks the HTTP endpoint answers (403 for others); None = everyone.
     http_allow: tuple[IPNetwork, ...] | None = None
@@ -270,6 +310,12 @@ class Config:
     heartbeat_timeout: float = 10.0
     #: Set in a worker process started by the master: its slot number.
     worker_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.forward, Address):
+            object.__setattr__(self, "forward", (self.forward,))
+        elif not isinstance(self.forward, tuple):
+            object.__setattr__(self, "forward", tuple(self.forward))
 
     @classmethod
     def from_options(cls, opts: dict[str, Any]) -> Config:
@@ -294,11 +340,18 @@ class Config:
         if heartbeat < MIN_HEARTBEAT_TIMEOUT:
             raise ConfigError("-heartbeat-timeout: at least %g seconds, got %r" % (MIN_HEARTBEAT_TIMEOUT, heartbeat))
         listen = parse_address(opts["--listen"], "-listen", allow_port_zero=True)
-        forward = parse_address(opts["--forward"], "-forward")
-        refuse_self_forward(listen, forward)
+        forward = parse_forward(opts["--forward"], listen)
+        balance = opts["--balance"].strip().lower()
+        if balance not in POLICIES:
+            raise ConfigError("-balance: expected one of %s, got %r" % ("/".join(POLICIES), opts["--balance"]))
         return cls(
             listen=listen,
             forward=forward,
+            balance=balance,
+            connect_retries=_ranged(
+                positive_int(opts["--connect-retries"], "-connect-retries", allow_zero=True), "-connect-retries"
+            ),  # fmt: skip
+            max_fails=_ranged(positive_int(opts["--max-fails"], "-max-fails", allow_zero=True), "-max-fails"),
             http=http_address,
             http_allow=parse_allow(opts["--http-allow"], http_address),
             recovery_path=recovery,
@@ -328,6 +381,8 @@ def config_defaults() -> dict[str, str]:
         value = getattr(_DEFAULT, f.name)
         if value is None:
             shown[f.name] = "off"
+        elif isinstance(value, tuple):
+            shown[f.name] = ",".join(str(v) for v in value)
         elif isinstance(value, float):
             shown[f.name] = "%g" % value
         else:

@@ -175,7 +175,9 @@ def settings_text(options: dict[str, Any], kinds: dict[str, str]) -> str:
 
 
 def _toml_value(text: str, kind: str) -> str:
-    # The flag text as TOML: numbers as numbers (".5" is not TOML, 0.5 is), the rest as strings.
+    # The flag text as TOML: numbers as numbers (".5" is not TOML, 0.5 is), lists as lists, the rest as strings.
+    if kind == "ADDRS":
+        return "[%s]" % ", ".join(_toml_string(item.strip()) for item in text.split(","))
     try:
         if kind == "N":
             return str(int(text, 10))

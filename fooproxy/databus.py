@@ -197,10 +197,11 @@ class DataBus:
         linger: float = 5.0,
         idle_timeout: float = 0.0,
         keep_upstream: bool = False,
+        record: Callable[[bool, int, tuple[int, int, int, int]], None] | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
-        self.record = stats.record
+        self.record = record or stats.record  # ``record``: the upstream's (counts its messages too)
         self.linger = linger
         self.idle_timeout = idle_timeout
         self.keep_upstream = keep_upstream

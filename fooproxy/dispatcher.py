@@ -21,8 +21,9 @@ from fooproxy.reload import Reloader, changes, keep_restart_only, read_config
 from fooproxy.services import Services, bound, exit_now, stop_signals
 from fooproxy.stats import Snapshot, Stats
 
-#: Settings that make new sessions need a new Connector.
-CONNECTOR_FIELDS = ("forward", "connect_timeout", "pool_size", "pool_wait", "pool_idle")
+#: Settings the Balancer applies in place (``Balancer.update``): upstreams, their connectors and checks.
+BALANCER_FIELDS = ("forward", "balance", "connect_retries", "max_fails", "connect_timeout",
+                   "pool_size", "pool_wait", "pool_idle", "health_interval", "http")  # fmt: skip
 
 
 class Dispatcher:
@@ -35,7 +36,7 @@ class Dispatcher:
         self.source = source
         self.stats = stats or Stats()
         self.connector = connector_for(config, self.stats)
-        self.services = Services(config, self.stats)
+        self.services = Services(config, self.stats, upstreams=self.connector)
         self.proxy: Proxy | None = None
         self.services.reloader = Reloader(self.reload)
 
@@ -92,18 +93,13 @@ class Dispatcher:
             return "not applied: shutting down"
         old = self.config
         new, notes = keep_restart_only(old, read_config(self.source, old))
-        connector = None
-        if any(getattr(old, name) != getattr(new, name) for name in CONNECTOR_FIELDS):
-            connector = connector_for(new, self.stats)
-            if not connector.reuses:
-                self.stats.set("pool_idle", 0)  # no pool any more: the retired one no longer reports
-                self.stats.set("pool_open", 0)
         notes += self.services.reconfigure(new)
         new = dataclasses.replace(new, http=self.services.config.http, http_allow=self.services.config.http_allow)
-        self.proxy.reconfigure(new, connector)
-        if connector is not None:
-            self.connector = connector
+        if any(getattr(old, name) != getattr(new, name) for name in BALANCER_FIELDS):
+            notes += self.connector.update(new)  # upstreams added and removed in place; sessions stay
+        self.proxy.reconfigure(new)  # in the same hub turn: the Proxy asks for connections the new way
         self.config = new
+        self.connector.prepare()  # resolve new upstreams (may yield: everything is consistent now)
         return "; ".join(changes(old, new) + notes)
 
     def _drain(self) -> None:

@@ -51,6 +51,7 @@ class UpstreamChecker:
         failures: int = 2,
         logger: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_check: Callable[[bool, float], None] | None = None,
     ) -> None:
         if interval <= 0 or failures < 1:
             raise ValueError("interval must be > 0 and failures >= 1")
@@ -66,6 +67,8 @@ class UpstreamChecker:
         self.consecutive_failures = 0
         self.last_error: str | None = None
         self.last_check: float | None = None  # clock() when the last check ended
+        #: Called after each check with ``(passed, clock() when it began)`` (the balancer's hook).
+        self.on_check = on_check
         self._stop = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
 
@@ -93,6 +96,7 @@ class UpstreamChecker:
     def check_once(self) -> bool:
         """Dial the upstream once, record and return whether it answered."""
         was_ok = self.ok
+        began = self.clock()
         try:
             self._try_connect()
         except OSError as exc:  # refused, unreachable, timeout, DNS failure
@@ -110,6 +114,8 @@ class UpstreamChecker:
             self.log.warning("%s", self.status()[1])
         elif not was_ok and self.ok:
             self.log.info("upstream %s reachable again", self.address)
+        if self.on_check is not None:
+            self.on_check(result, began)
         return result
 
     def _try_connect(self) -> None:
@@ -161,6 +167,44 @@ def _describe(exc: OSError) -> str:
         return "connect timed out"
     text = exc.strerror or str(exc) or exc.__class__.__name__
     return text[:1].lower() + text[1:]
+
+
+class UpstreamView(Protocol):
+    """What ``Health`` reads about the upstreams: the Balancer, or a ``CheckerGroup``."""
+
+    def upstream_states(self) -> list[dict[str, Any]]:
+        """One dict per upstream: ``address``, ``up`` (bool), ``state`` and details."""
+        ...
+
+
+class CheckerGroup:
+    """One ``UpstreamChecker`` per address, for a process that has no Balancer (the master of ``-workers``)."""
+
+    def __init__(self, addresses: tuple[Address, ...], interval: float, timeout: float,
+                 logger: logging.Logger | None = None) -> None:  # fmt: skip
+        self.checkers = [UpstreamChecker(a, interval, timeout=timeout, logger=logger) for a in addresses]
+
+    def start(self) -> None:
+        for checker in self.checkers:
+            checker.start()
+
+    def stop(self) -> None:
+        for checker in self.checkers:
+            checker.stop()
+
+    def upstream_states(self) -> list[dict[str, Any]]:
+        return [checker_state(c) for c in self.checkers]
+
+
+def checker_state(checker: UpstreamChecker) -> dict[str, Any]:
+    """An upstream's entry of /health from its checker alone."""
+    detail = checker.detail()
+    out: dict[str, Any] = {"address": str(checker.address), "up": checker.ok}
+    out["state"] = "up" if checker.ok else "down"
+    out["checked"] = detail.pop("upstream")
+    detail.pop("upstream_address", None)
+    out.update(detail)
+    return out
 
 
 class PersistenceStatus(Protocol):
@@ -217,8 +261,11 @@ class Health:
         saver: PersistenceStatus | None = None,
         is_draining: Callable[[], bool] | None = None,
         internal_errors: Callable[[], int] | None = None,
+        upstreams: UpstreamView | None = None,
     ) -> None:
         self.checker = checker
+        #: Several upstreams (replaces ``checker``): healthy while at least one is up.
+        self.upstreams = upstreams
         self.saver = saver
         self.is_draining = is_draining or (lambda: False)
         self.internal = InternalErrors(internal_errors) if internal_errors is not None else None
@@ -231,6 +278,15 @@ class Health:
             detail.update(self.checker.detail())
             if not up:
                 reasons.append(why)
+        if self.upstreams is not None:
+            states = self.upstreams.upstream_states()
+            up_now = [s for s in states if s["up"]]
+            detail["upstream"] = "reachable" if up_now or not states else "unreachable"
+            detail["upstreams_up"] = "%d/%d" % (len(up_now), len(states))
+            detail["upstreams"] = {s["address"]: {k: v for k, v in s.items() if k != "address"} for s in states}
+            if states and not up_now:
+                why = ("%s unreachable: %s" % (s["address"], s.get("last_error") or s["state"]) for s in states)
+                reasons.append("no upstream up: " + "; ".join(why))
         if self.saver is None:
             detail["persistence"] = "disabled"
         elif self.saver.healthy:
@@ -262,6 +318,7 @@ class Health:
         out: dict[str, float] = {"draining": float(bool(self.is_draining()))}
         if self.checker is not None:
             out["upstream_up"] = float(self.checker.ok)
+        # With ``upstreams``, /metrics has fooproxy_upstream_up{upstream=...} from the stats instead.
         if self.saver is not None:
             out["persistence_ok"] = float(self.saver.healthy)
         return out

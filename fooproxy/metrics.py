@@ -91,8 +91,31 @@ class StatsCollector(Collector):
             "fooproxy_pool_open_connections", "Pooled upstream connections open now.", value=t.get("pool_open", 0)
         )
         yield GaugeMetricFamily("fooproxy_uptime_seconds", "Seconds since the proxy started.", value=snap.uptime_s)
+        rows = snap.shown_upstreams()
+        if rows:
+            yield from _upstream_families(rows)
         for name in sorted(extra):
             yield GaugeMetricFamily("fooproxy_" + name, "fooproxy %s." % name.replace("_", " "), value=extra[name])
+
+
+def _upstream_families(rows: Mapping[str, Mapping[str, int | bool]]) -> Iterator[Metric]:
+    """The per-upstream series, labelled ``upstream="host:port"`` (one per configured upstream)."""
+    up = GaugeMetricFamily("fooproxy_upstream_up", "1 while the upstream is in rotation.", labels=["upstream"])
+    active = GaugeMetricFamily(
+        "fooproxy_upstream_sessions_active", "Client sessions on this upstream now.", labels=["upstream"]
+    )
+    total = CounterMetricFamily(
+        "fooproxy_upstream_sessions", "Client sessions given this upstream.", labels=["upstream"]
+    )
+    messages = CounterMetricFamily(
+        "fooproxy_upstream_messages", "REQ+ACK+NAK lines of the sessions on this upstream.", labels=["upstream"]
+    )
+    for address, row in rows.items():
+        up.add_metric([address], float(bool(row["up"])))
+        active.add_metric([address], row["sessions_active"])
+        total.add_metric([address], row["sessions_total"])
+        messages.add_metric([address], row["messages"])
+    yield from (up, active, total, messages)
 
 
 def make_registry(get_snapshot: GetSnapshot, get_extra: GetExtra | None = None) -> CollectorRegistry:

@@ -11,10 +11,10 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 from gevent.socket import socket
 
+from fooproxy.balancer import Balancer
 from fooproxy.config import Config
 from fooproxy.databus import INTERNAL, SHUT_DOWN, DataBus
 from fooproxy.listeners import AcceptPause
-from fooproxy.pool import UpstreamPool
 from fooproxy.ratelimit import RepeatFilter
 from fooproxy.stats import Stats
 from fooproxy.upstream import Connector, HubConnect, UpstreamError
@@ -22,23 +22,9 @@ from fooproxy.upstream import Connector, HubConnect, UpstreamError
 log = logging.getLogger("fooproxy.proxy")
 
 
-def connector_for(config: Config, stats: Stats) -> Connector:
-    """The Connector the config asks for: a pool (its gauges in ``stats``) or one connection per client."""
-    if config.pool_size <= 0:
-        return Connector(config.forward, config.connect_timeout)
-
-    def pool_gauges(idle: int, open_: int) -> None:
-        stats.set("pool_idle", idle)
-        stats.set("pool_open", open_)
-
-    return UpstreamPool(
-        config.forward,
-        config.connect_timeout,
-        config.pool_size,
-        config.pool_wait,
-        config.pool_idle,
-        on_change=pool_gauges,
-    )
+def connector_for(config: Config, stats: Stats) -> Balancer:
+    """The Connector of a config: a Balancer over its upstreams (a pool each with ``-pool-size``)."""
+    return Balancer(config, stats)
 
 
 class Proxy(StreamServer):
@@ -190,6 +176,7 @@ class Proxy(StreamServer):
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
                 keep_upstream=connector.reuses,
+                record=connector.recorder(upstream),
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             connector.release(upstream, False)
@@ -239,8 +226,8 @@ class Proxy(StreamServer):
         if connector is not None and connector is not old:
             connector.prepare()
             self.connector = connector
-            self._from_hub = connector.connects_from_hub
             old.retire()
+        self._from_hub = self.connector.connects_from_hub  # a Balancer updated in place may now pool
         if self.started and not self.full():
             self.start_accepting()  # a higher -max-conns: take the clients waiting in the backlog
 

@@ -32,7 +32,7 @@ from gevent.lock import Semaphore
 from fooproxy import recovery, sdnotify
 from fooproxy.config import Config
 from fooproxy.dashboard import LiveSamples
-from fooproxy.health import Health, UpstreamChecker
+from fooproxy.health import CheckerGroup, Health, UpstreamView
 from fooproxy.http import HttpServer, make_app
 from fooproxy.listeners import StartupError
 from fooproxy.reload import Reloader
@@ -99,8 +99,12 @@ def exit_now(message: str) -> None:
 class Services:
     """The shared services of one process and its start/stop sequence (see the module doc)."""
 
-    def __init__(self, config: Config, stats: Stats, snapshot: Callable[[], Snapshot] | None = None) -> None:
+    def __init__(self, config: Config, stats: Stats, snapshot: Callable[[], Snapshot] | None = None,
+                 upstreams: UpstreamView | None = None) -> None:  # fmt: skip
         self.config = config
+        #: The upstreams' states for /health: the job's Balancer (which checks them), or None: the
+        #: Services check them itself (``CheckerGroup``; the master of ``-workers``, which has no Balancer).
+        self.upstreams = upstreams
         #: The block this process writes (restores go here).
         self.stats = stats
         #: What SIGUSR2, HTTP and recovery read (the master: every slot summed).
@@ -108,7 +112,7 @@ class Services:
         self.http: HttpServer | None = None
         self.saver: recovery.Saver | None = None
         self.recovery_lock: recovery.RecoveryLock | None = None
-        self.checker: UpstreamChecker | None = None
+        self.checker: CheckerGroup | None = None
         self.health: Health | None = None
         #: The live page's samples, while HTTP is on (kept across an HTTP rebind: its history stays).
         self.live: LiveSamples | None = None
@@ -158,10 +162,12 @@ class Services:
     def _http_server(self, cfg: Config) -> HttpServer:
         """The HTTP server for ``cfg`` (not started), with its health checker (not started either)."""
         assert cfg.http is not None
-        self.checker = self._checker(cfg)
+        if self.upstreams is None:
+            self.checker = self._checker(cfg)
         self.health = Health(
-            self.checker,
+            None,
             self.saver,
+            upstreams=self.upstreams or self.checker,
             is_draining=lambda: self.draining,
             internal_errors=lambda: self.snapshot().totals.get("errors_internal", 0),
         )
@@ -176,9 +182,15 @@ class Services:
         return HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
 
     @staticmethod
-    def _checker(cfg: Config) -> UpstreamChecker:
+    def _checker(cfg: Config) -> CheckerGroup:
         timeout = min(cfg.connect_timeout, cfg.health_interval)
-        return UpstreamChecker(cfg.forward, cfg.health_interval, timeout=timeout, logger=log)
+        return CheckerGroup(cfg.forward, cfg.health_interval, timeout=timeout, logger=log)
+
+    def use_upstreams(self, view: UpstreamView) -> None:
+        """/health reads the upstreams from ``view`` from now on (a reload's Balancer)."""
+        self.upstreams = view
+        if self.health is not None:
+            self.health.upstreams = view
 
     # -- reload -------------------------------------------------------------
     def reconfigure(self, new: Config) -> list[str]:
@@ -216,7 +228,8 @@ class Services:
                 notes.append("http refused: %s (kept %s)" % (exc, old_http.address if old_http else "off"))
                 return False
             self.http = server
-            self.checker.start()
+            if self.checker is not None:
+                self.checker.start()
             if self.live is not None:
                 self.live.start()
         if old_checker is not None:
@@ -227,9 +240,11 @@ class Services:
         return True
 
     def _replace_checker(self, new: Config) -> None:
+        if self.upstreams is not None:
+            return  # the Balancer checks its upstreams and applies the reload itself
         old, self.checker = self.checker, self._checker(new)
         assert self.health is not None
-        self.health.checker = self.checker
+        self.health.upstreams = self.checker
         self.checker.start()
         if old is not None:
             old.stop()
@@ -281,7 +296,7 @@ class Services:
             "fooproxy %s listening on %s, forwarding to %s, http %s, recovery %s (pid %d)",
             _version(),
             where,
-            cfg.forward,
+            ",".join(str(a) for a in cfg.forward) + (" (%s)" % cfg.balance if len(cfg.forward) > 1 else ""),
             self.http.address if self.http else "off",
             cfg.recovery_path or "off",
             os.getpid(),

@@ -23,10 +23,11 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from fooproxy import timetable
+from fooproxy.config import MAX_ADDRESS_BYTES, MAX_UPSTREAMS
 from fooproxy.timetable import Clock, TimeTable
 
 #: Counter cells, in block order. Append only: the order is the shared layout.
@@ -48,8 +49,23 @@ _IDX = {name: i for i, name in enumerate(COUNTERS)}
 # Counters that describe the present, not a history: never restored from a file.
 GAUGES = frozenset({"connections_active", "pool_idle", "pool_open"})
 _HEADER = 16  # cells reserved for counters (room to grow without a layout change)
-BLOCK_CELLS = _HEADER + timetable.CELLS
+
+# -- the upstreams section, appended after the time table ------------------------------
+# A fixed number of entries, each keyed by the upstream's address (its text, NUL
+# padded, in the first cells), then its values. Twice MAX_UPSTREAMS: a reload may
+# replace every upstream while the sessions on the old ones still run. One writer
+# (the process's Balancer, and its sessions' messages); readers merge by address.
+UPSTREAM_ENTRIES = 2 * MAX_UPSTREAMS
+_ADDRESS_CELLS = MAX_ADDRESS_BYTES // 8
+#: Value cells of an entry, after its address. Append only.
+UPSTREAM_FIELDS = ("up", "sessions_active", "sessions_total", "messages")
+UPSTREAM_CELLS = _ADDRESS_CELLS + 8  # room for 4 more fields without a layout change
+#: The ``up`` cell: in rotation, out of it, or no longer configured (kept while its sessions run).
+UP, DOWN, REMOVED = 1, 0, -1
+_UPSTREAMS_AT = _HEADER + timetable.CELLS
+BLOCK_CELLS = _UPSTREAMS_AT + UPSTREAM_ENTRIES * UPSTREAM_CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
+_UP_FIELD = {name: _ADDRESS_CELLS + i for i, name in enumerate(UPSTREAM_FIELDS)}
 
 # Cell indices for the hot path, derived from COUNTERS (never a literal order).
 _REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR, _INTERNAL = (
@@ -139,6 +155,56 @@ class Stats:
     def get(self, name: str) -> int:
         return self.block[_IDX[name]]
 
+    # -- per upstream (the section after the time table) -------------------
+    def upstream_entry(self, address: str) -> int:
+        """The entry of ``address`` in this block (made if new), or -1 if the section is full.
+
+        An entry is found again by its address (a reload that keeps an upstream
+        keeps its counts); a new one takes a free entry, or one of a removed
+        upstream whose sessions have all ended.
+        """
+        key = _address_key(address)
+        free = -1
+        for entry in range(UPSTREAM_ENTRIES):
+            at = _entry_at(entry)
+            name = bytes(self.block[at : at + _ADDRESS_CELLS].cast("B"))
+            if name == key:
+                return entry
+            if free < 0 and (
+                not any(name)
+                or (self.block[at + _UP_FIELD["up"]] == REMOVED and self.block[at + _UP_FIELD["sessions_active"]] <= 0)
+            ):
+                free = entry
+        if free >= 0:
+            at = _entry_at(free)
+            for i in range(at, at + UPSTREAM_CELLS):
+                self.block[i] = 0
+            self.block[at : at + _ADDRESS_CELLS].cast("B")[:] = key
+        return free
+
+    def set_upstream(self, entry: int, name: str, value: int) -> None:
+        if entry >= 0:
+            self.block[_entry_at(entry) + _UP_FIELD[name]] = value
+
+    def add_upstream(self, entry: int, name: str, value: int = 1) -> None:
+        if entry >= 0:
+            self.block[_entry_at(entry) + _UP_FIELD[name]] += value
+
+    def recorder(self, entry: int) -> Callable[[bool, int, tuple[int, int, int, int]], None]:
+        """``record`` that also counts the messages of one upstream's sessions (its ``messages`` cell)."""
+        record = self.record
+        if entry < 0:
+            return record
+        block, cell = self.block, _entry_at(entry) + _UP_FIELD["messages"]
+
+        def record_upstream(to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> None:
+            n = counts[0] + counts[1] + counts[2]
+            if n:
+                block[cell] += n
+            record(to_server, nbytes, counts)
+
+        return record_upstream
+
     # -- reading ----------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """Totals and window counts as of now."""
@@ -162,6 +228,8 @@ class Snapshot:
     uptime_s: float = 0.0
     #: Live window buckets as (age_in_buckets, requests, responses).
     buckets: list[tuple[int, int, int]] = field(default_factory=list)
+    #: Per upstream address: the ``UPSTREAM_FIELDS`` merged over the blocks (``up``: the highest).
+    upstreams: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @classmethod
     def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> Snapshot:
@@ -169,11 +237,15 @@ class Snapshot:
         blocks = list(blocks)
         totals = {name: sum(b[i] for b in blocks) for i, name in enumerate(COUNTERS)}
         buckets = timetable.merge_buckets(*(TimeTable(b[_HEADER:]).buckets(now) for b in blocks))
+        upstreams: dict[str, dict[str, int]] = {}
+        for block in blocks:
+            _merge_upstreams(upstreams, upstream_rows(block))
         return cls(
             totals=totals,
             windows=timetable.window_sums(buckets),
             uptime_s=max(0.0, now - started),
             buckets=buckets,
+            upstreams=upstreams,
         )
 
     def __add__(self, other: Snapshot) -> Snapshot:
@@ -182,7 +254,24 @@ class Snapshot:
             windows=tuple(a + b for a, b in zip(self.windows, other.windows, strict=True)),  # type: ignore[arg-type]
             uptime_s=max(self.uptime_s, other.uptime_s),
             buckets=timetable.merge_buckets(self.buckets, other.buckets),
+            upstreams=_merge_upstreams(_merge_upstreams({}, self.upstreams), other.upstreams),
         )
+
+    def shown_upstreams(self) -> dict[str, dict[str, int | bool]]:
+        """The ``upstreams`` object of the stats JSON: configured ones, and removed ones still in use."""
+        out: dict[str, dict[str, int | bool]] = {}
+        for address, row in self.upstreams.items():
+            if row["up"] == REMOVED and row["sessions_active"] <= 0:
+                continue
+            out[address] = {
+                "up": row["up"] == UP,
+                "sessions_active": row["sessions_active"],
+                "sessions_total": row["sessions_total"],
+                "messages": row["messages"],
+            }
+            if row["up"] == REMOVED:
+                out[address]["removed"] = True
+        return out
 
     def as_dict(self) -> dict[str, int | float]:
         """The stats JSON object: the eight contract fields first, then extras."""
@@ -202,7 +291,41 @@ class Snapshot:
         for name in COUNTERS[3:]:
             out[name] = t.get(name, 0)
         out["uptime_s"] = round(self.uptime_s, 3)
+        if self.upstreams:
+            out["upstreams"] = self.shown_upstreams()  # type: ignore[assignment]
         return out
+
+
+def _entry_at(entry: int) -> int:
+    return _UPSTREAMS_AT + entry * UPSTREAM_CELLS
+
+
+def _address_key(address: str) -> bytes:
+    raw = address.encode("utf-8")[:MAX_ADDRESS_BYTES]
+    return raw + b"\0" * (MAX_ADDRESS_BYTES - len(raw))
+
+
+def upstream_rows(block: memoryview) -> dict[str, dict[str, int]]:
+    """The upstream entries written in one block, by address."""
+    rows: dict[str, dict[str, int]] = {}
+    for entry in range(UPSTREAM_ENTRIES):
+        at = _entry_at(entry)
+        if not block[at]:
+            continue  # the first cell holds the address's first bytes: zero means unused
+        name = bytes(block[at : at + _ADDRESS_CELLS].cast("B")).rstrip(b"\0").decode("utf-8", "replace")
+        rows[name] = {f: block[at + _UP_FIELD[f]] for f in UPSTREAM_FIELDS}
+    return rows
+
+
+def _merge_upstreams(into: dict[str, dict[str, int]], rows: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    for name, row in rows.items():
+        have = into.get(name)
+        if have is None:
+            into[name] = dict(row)
+            continue
+        for f in UPSTREAM_FIELDS:
+            have[f] = max(have[f], row[f]) if f == "up" else have[f] + row[f]
+    return into
 
 
 # -- the workers' shared table ---------------------------------------------------------
@@ -377,6 +500,10 @@ class SlotTable:
         block = self.blocks[slot]
         for i in _GAUGE_CELLS:
             block[i] = 0
+        for entry in range(UPSTREAM_ENTRIES):  # its view of the upstreams and its sessions are gone too
+            if block[_entry_at(entry)]:
+                block[_entry_at(entry) + _UP_FIELD["up"]] = REMOVED
+                block[_entry_at(entry) + _UP_FIELD["sessions_active"]] = 0
         self._supervision[slot][_HEARTBEAT] = 0
         self._supervision[slot][_PID] = 0
 

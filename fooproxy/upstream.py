@@ -131,6 +131,10 @@ class Connector:
         finally:
             self._refresh = None
 
+    def recorder(self, sock: socket.socket) -> Callable | None:
+        """How the session on ``sock`` records its chunks (None: ``Stats.record``; a Balancer counts per upstream)."""
+        return None
+
     def release(self, sock: socket.socket, reusable: bool) -> None:
         """Give a connection back after its session; here it is always closed."""
         sock.close()

@@ -7,7 +7,7 @@
   var STALE_MS = 5000; // no event for this long: the proxy is gone (or stopped); reconnect
   var CONTRACT = ["msg_total", "msg_req", "msg_ack", "msg_nak",
     "request_rate_1s", "request_rate_10s", "response_rate_1s", "response_rate_10s"];
-  var NOT_EXTRAS = { uptime_s: 1 };
+  var NOT_EXTRAS = { uptime_s: 1, upstreams: 1 };
   // Latency fields, when this build's /stats has them; charted by name, "—" when absent.
   var P50 = "latency_p50_ms", P99 = "latency_p99_ms";
 
@@ -101,6 +101,22 @@
     dd.className = on === good ? "ok" : "bad";
   }
 
+  // With several upstreams, /stats has {"addr": {"up": true, ...}}: say how many are up and
+  // which are down; an older proxy has only the health gauge.
+  function upstreams(ups, gauge) {
+    if (!ups || !Object.keys(ups).length) { yesno("st-upstream", gauge, true, "up", "down"); return; }
+    var names = Object.keys(ups), down = names.filter(function (a) { return !ups[a].up && !ups[a].removed; });
+    var dd = $("st-upstream");
+    var live = names.filter(function (a) { return !ups[a].removed; }).length;
+    if (live === 1) dd.textContent = down.length ? "down" : "up";
+    else dd.textContent = (live - down.length) + "/" + live + " up" + (down.length ? " (down: " + down.join(", ") + ")" : "");
+    dd.title = names.map(function (a) {
+      var u = ups[a];
+      return a + ": " + (u.removed ? "removed" : u.up ? "up" : "down") + ", " + u.sessions_active + " open, " + u.sessions_total + " sessions";
+    }).join("\n");
+    dd.className = down.length === live ? "bad" : "ok";
+  }
+
   function numbers() {
     var last = samples[samples.length - 1];
     if (!last) return;
@@ -112,7 +128,7 @@
     $("now-p50").textContent = st[P50] === undefined ? "—" : fmt(st[P50]) + " ms";
     $("now-p99").textContent = st[P99] === undefined ? "—" : fmt(st[P99]) + " ms";
     $("now-conns").textContent = fmt(st.connections_active);
-    yesno("st-upstream", health.upstream_up, true, "up", "down");
+    upstreams(st.upstreams, health.upstream_up);
     yesno("st-draining", health.draining, false, "yes", "no");
     yesno("st-persistence", health.persistence_ok, true, "ok", "failing");
     if (health.persistence_ok === undefined) $("st-persistence").textContent = "off";

@@ -27,10 +27,24 @@ def write_config(path: Path, **settings: object) -> None:
     lines = []
     for key, value in settings.items():
         key = key.replace("_", "-")
-        lines.append("%s = %s" % (key, '"%s"' % value if isinstance(value, str) else value))
+        lines.append("%s = %s" % (key, _toml(value)))
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, str):
+        return '"%s"' % value
+    if isinstance(value, list | tuple):  # forward = ["a:1", "b:2"]
+        return "[%s]" % ", ".join(_toml(v) for v in value)
+    return str(value)
+
+
+def sessions_after(loops: list[ClientLoop], more: int):
+    """A condition: every loop has finished ``more`` sessions beyond what it has now."""
+    marks = [(loop, loop.counts.sessions + more) for loop in loops]
+    return lambda: all(loop.counts.sessions >= mark for loop, mark in marks)
 
 
 def reload_lines(proc: Process) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 
 from harness import sigusr2, tasks
 from harness.binaries import fooproxy_command
-from tests.e2e.reloading import ClientLoop, reload_lines, sighup_and_wait, write_config
+from tests.e2e.reloading import ClientLoop, reload_lines, sessions_after, sighup_and_wait, write_config
 from tests.faults import running
 
 pytestmark = pytest.mark.e2e
@@ -197,12 +197,6 @@ def test_sighup_burst_coalesces_and_never_overlaps(procs, tmp_path, workers):
         assert len(children(proxy.pid)) == int(workers)
     assert "reload failed" not in proxy.stderr_text()
     assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
-
-
-def sessions_after(loops: list[ClientLoop], more: int):
-    """A condition: every loop has finished ``more`` sessions beyond what it has now."""
-    marks = [(loop, loop.counts.sessions + more) for loop in loops]
-    return lambda: all(loop.counts.sessions >= mark for loop, mark in marks)
 
 
 def _accepts(address: str) -> bool:

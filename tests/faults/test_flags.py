@@ -68,6 +68,17 @@ BAD_VALUES = [
     (["-listen", ":%d" % PORT, "-forward", "0.0.0.0:%d" % PORT], "-forward"),
     (["-listen", "127.0.0.1:%d" % PORT, "-forward", "localhost:%d" % PORT], "-forward"),
     (["-listen", "[::]:%d" % PORT, "-forward", "[::1]:%d" % PORT], "-forward"),
+    # several upstreams
+    (["-listen", ":%d" % PORT, "-forward", "127.0.0.1:1,:%d" % PORT], "-forward"),  # itself, second in the list
+    (["-forward", "127.0.0.1:1,127.0.0.1:1"], "-forward"),  # twice
+    (["-forward", ":1,127.0.0.1:1"], "-forward"),  # twice: an empty host is this machine
+    (["-forward", "127.0.0.1:1,"], "-forward"),
+    (["-forward", ",".join("127.0.0.1:%d" % p for p in range(1, 18))], "-forward"),  # 17 > 16
+    (["-forward", "h%s:1" % ("x" * 300)], "-forward"),  # longer than the stats key
+    (["-balance", "random"], "-balance"),
+    (["-connect-retries", "16"], "-connect-retries"),
+    (["-connect-retries", "-1"], "-connect-retries"),
+    (["-max-fails", "1001"], "-max-fails"),
     (["extra"], "extra"),
 ]
 

@@ -335,8 +335,10 @@ def test_counts_stay_consistent(ops):
 
 
 def pool_of(d) -> UpstreamPool:
-    assert isinstance(d.connector, UpstreamPool)
-    return d.connector
+    """The pool of the proxy's one upstream (the Balancer keeps a pool per upstream)."""
+    (upstream,) = d.connector.upstreams
+    assert isinstance(upstream.connector, UpstreamPool)
+    return upstream.connector
 
 
 def exchange(address, seqs, tag: bytes = b"x") -> list[bytes]:

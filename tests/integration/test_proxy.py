@@ -106,7 +106,7 @@ def test_upstream_down_closes_client_and_keeps_serving(mini_server, proxy_for):
     # The proxy is still there and serves once a server appears where the name
     # now points: a refused connect re-resolves it in the background.
     srv = mini_server()
-    d.connector.address = srv.address
+    d.connector.upstreams[0].connector.address = srv.address
 
     def served() -> bool:
         c = connect(d.address)

@@ -11,8 +11,8 @@ from fooproxy.config import Address, Config, ConfigError, parse_address
 def test_defaults_are_the_original_tools():
     cfg = parse([])
     assert cfg.listen == Address("", 8002)
-    assert cfg.forward == Address("", 8001)
-    assert cfg.forward.connect_host == "127.0.0.1"
+    assert cfg.forward == (Address("", 8001),)
+    assert cfg.forward[0].connect_host == "127.0.0.1"
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def test_defaults_are_the_original_tools():
 )
 def test_flag_forms(argv):
     cfg = parse(argv)
-    assert cfg.forward == Address("", 9001) and cfg.listen == Address("", 9002)
+    assert cfg.forward == (Address("", 9001),) and cfg.listen == Address("", 9002)
 
 
 @pytest.mark.parametrize(
@@ -110,8 +110,8 @@ def test_http_allow_default_is_loopback_only_on_all_interfaces():
 
 
 def test_forward_to_another_port_or_host_is_fine():
-    assert parse(["-listen", ":9002", "-forward", ":9001"]).forward.port == 9001
-    assert parse(["-listen", "127.0.0.1:9002", "-forward", "192.0.2.77:9002"]).forward.host == "192.0.2.77"
+    assert parse(["-listen", ":9002", "-forward", ":9001"]).forward[0].port == 9001
+    assert parse(["-listen", "127.0.0.1:9002", "-forward", "192.0.2.77:9002"]).forward[0].host == "192.0.2.77"
     assert parse(["-listen", "127.0.0.2:9002", "-forward", "127.0.0.1:9002"]).listen.host == "127.0.0.2"
 
 
