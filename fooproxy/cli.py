@@ -6,6 +6,7 @@ Go tool type them, are rewritten to docopt's ``--forward`` form first.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import NoReturn
@@ -172,33 +173,41 @@ def parse_command(argv: list[str]) -> tuple[Config, ConfigSource]:
     # Help and version win wherever they appear (docopt takes them only alone).
     lone = _lone_tokens(args)
     if "-h" in lone or "--help" in lone:
-        sys.stdout.write(USAGE)
-        raise SystemExit(0)
+        _print_and_exit(USAGE)
     if "--version" in lone:
-        print("fooproxy %s" % __version__)
-        raise SystemExit(0)
+        _print_and_exit("fooproxy %s\n" % __version__)
     try:
         opts = docopt(USAGE, argv=args, default_help=False, version=None)
     except DocoptExit as exc:
         _fail(_flag_named(str(exc), argv))
     if opts["--help"]:
-        sys.stdout.write(USAGE)
-        raise SystemExit(0)
+        _print_and_exit(USAGE)
     if opts["--version"]:
-        print("fooproxy %s" % __version__)
-        raise SystemExit(0)
+        _print_and_exit("fooproxy %s\n" % __version__)
     given = frozenset(t.split("=", 1)[0][2:] for t in lone if t.startswith("--"))
     source = ConfigSource(opts, given, KINDS)
     try:
         text = read_file(source.path) if source.path else None
         config = source.build(text)
         if opts["--check-config"]:
-            sys.stdout.write(settings_text(source.effective(text)[0], KINDS))
-            sys.stdout.write("# the configuration is valid\n")
-            raise SystemExit(0)
+            _print_and_exit(settings_text(source.effective(text)[0], KINDS) + "# the configuration is valid\n")
     except ConfigError as exc:
         _fail(str(exc))
     return config, source
+
+
+def _print_and_exit(text: str) -> NoReturn:
+    """Write ``text`` on stdout and exit 0; a reader that went away (``| head``) is no error.
+
+    As Python's documentation advises for SIGPIPE: stdout is pointed at /dev/null so that the
+    flush at exit does not raise again.
+    """
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(0)
 
 
 def _fail(message: str) -> NoReturn:

@@ -6,6 +6,7 @@ runs the installed command as a subprocess, as a user would.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -13,6 +14,7 @@ import pytest
 
 from fooproxy.config import RANGES, max_workers
 from harness import tasks
+from harness.binaries import fooproxy_command
 from tests.helpers import run_fooproxy
 
 pytestmark = pytest.mark.e2e
@@ -148,3 +150,25 @@ def test_values_at_the_edges_of_the_ranges_start_the_proxy():
             proxy.close()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("flag", ["-check-config", "-h", "--version"])
+def test_a_reader_that_went_away_is_no_traceback(flag) -> None:
+    # `fooproxy -check-config | head -1`: the reader leaves before the text is written. The
+    # pipe's read end is closed before fooproxy starts, so its first write always meets EPIPE.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run(
+            [*fooproxy_command(), flag],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=20,
+            env=tasks.proxy_env(),
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(write_end)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == "", run.stderr
