@@ -237,6 +237,14 @@ def parse_allow(text: str, http: Address | None) -> tuple[IPNetwork, ...] | None
     return tuple(nets)
 
 
+def on_off(text: str, flag: str) -> bool:
+    """``on`` / ``off`` (any case) as a bool; anything else is a ``ConfigError`` naming ``flag``."""
+    value = str(text).strip().lower()
+    if value not in ("on", "off"):
+        raise ConfigError("%s: expected on or off, got %r" % (flag, text))
+    return value == "on"
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Workers stamp a heartbeat every 0.5 s (worker.HEARTBEAT_INTERVAL): allow at least two.
 MIN_HEARTBEAT_TIMEOUT = 1.0
@@ -264,6 +272,8 @@ class Config:
     health_interval: float = 2.0
     workers: int = 1
     heartbeat_timeout: float = 10.0
+    #: Time every request until its answer (the latency histograms); ``-latency off`` measures nothing.
+    latency: bool = True
     #: Set in a worker process started by the master: its slot number.
     worker_id: int | None = None
 
@@ -312,6 +322,7 @@ class Config:
             health_interval=_ranged(positive_float(opts["--health-interval"], "-health-interval"), "-health-interval"),
             workers=workers,
             heartbeat_timeout=_ranged(heartbeat, "-heartbeat-timeout"),
+            latency=on_off(opts["--latency"], "-latency"),
             worker_id=in_range(positive_int(worker_id, "--worker-id", allow_zero=True), "--worker-id", 0, max_workers())
             if worker_id
             else None,
@@ -323,7 +334,9 @@ def config_defaults() -> dict[str, str]:
     shown: dict[str, str] = {}
     for f in fields(Config):
         value = getattr(_DEFAULT, f.name)
-        if value is None:
+        if isinstance(value, bool):
+            shown[f.name] = "on" if value else "off"
+        elif value is None:
             shown[f.name] = "off"
         elif isinstance(value, float):
             shown[f.name] = "%g" % value

@@ -40,6 +40,7 @@ from typing import Any
 import gevent
 from gevent.socket import socket
 
+from fooproxy.latency import Timer
 from fooproxy.protocol import MessageCounter
 from fooproxy.stats import Stats
 
@@ -82,7 +83,7 @@ class Flow:
     """
 
     __slots__ = ("bus", "to_server", "recv", "send", "reader", "writer", "dst_fd", "counter",
-                 "lines", "nbytes", "chunk", "unsent", "watch_answers")  # fmt: skip
+                 "lines", "nbytes", "chunk", "unsent", "watch_answers", "timed")  # fmt: skip
 
     def __init__(self, bus: DataBus, src: socket, dst: socket, to_server: bool) -> None:
         raw_src, raw_dst = _raw(src), _raw(dst)
@@ -98,6 +99,7 @@ class Flow:
         self.chunk: bytes | None = None
         self.unsent: memoryview | None = None
         self.watch_answers = False  # set at client EOF on the server->client flow
+        self.timed: Callable[[tuple[int, int, int, int], bytes], None] | None = None  # the session's Timer
 
     @property
     def direction(self) -> str:
@@ -136,7 +138,12 @@ class Flow:
         counts = self.counter.feed(data)
         bus.record(self.to_server, n, counts)
         req, ack, nak, invalid = counts  # the session's own count: record() returns nothing
-        self.lines += req + ack + nak + invalid
+        lines = req + ack + nak + invalid
+        if lines:
+            self.lines += lines
+            timed = self.timed
+            if timed is not None:
+                timed(counts, data)
         self.nbytes += n
         if self.watch_answers and bus.answered:
             bus.finish(CLIENT_CLOSED)
@@ -186,7 +193,7 @@ class DataBus:
 
     __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
                  "client_eof", "upstream_eof", "ending", "last_active", "_moved", "_timers",
-                 "_on_end", "_idle_due")  # fmt: skip
+                 "_on_end", "_idle_due", "timer")  # fmt: skip
 
     def __init__(
         self,
@@ -197,6 +204,7 @@ class DataBus:
         linger: float = 5.0,
         idle_timeout: float = 0.0,
         keep_upstream: bool = False,
+        latency: bool = True,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -214,6 +222,12 @@ class DataBus:
         self._timers: list = []
         self._on_end: Callable[[DataBus], None] | None = None
         self._idle_due: Any = None  # the one-shot timer of an idle end due before the next tick
+        #: Times each REQ until its answer (``latency.py``); None with ``-latency off``.
+        self.timer: Timer | None = None
+        if latency:
+            self.timer = timer = Timer(stats)
+            self.c2s_flow.timed = timer.sent
+            self.s2c_flow.timed = timer.answered
 
     # -- state ----------------------------------------------------------------
     c2s = property(lambda self: self.c2s_flow.counter, doc="The client->server line counter.")
@@ -354,6 +368,8 @@ class DataBus:
         if self._idle_due is not None:
             self._idle_due.close()
             self._idle_due = None
+        if self.timer is not None:
+            self.timer.close()  # REQs still owed count as unanswered
         try:
             on_end(self)
         except Exception:  # a bug in the owner must not leave the hub's callback loop broken

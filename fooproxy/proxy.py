@@ -190,6 +190,7 @@ class Proxy(StreamServer):
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
                 keep_upstream=connector.reuses,
+                latency=config.latency,
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             connector.release(upstream, False)

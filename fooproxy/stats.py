@@ -21,7 +21,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fooproxy import timetable
+from fooproxy import latency, timetable
+from fooproxy.latency import Latency
 from fooproxy.timetable import Clock, TimeTable
 
 #: Counter cells, in block order. Append only: the order is the shared layout.
@@ -43,7 +44,9 @@ _IDX = {name: i for i, name in enumerate(COUNTERS)}
 # Counters that describe the present, not a history: never restored from a file.
 GAUGES = frozenset({"connections_active", "pool_idle", "pool_open"})
 _HEADER = 16  # cells reserved for counters (room to grow without a layout change)
-BLOCK_CELLS = _HEADER + timetable.CELLS
+#: The latency section (``latency.py`` owns its layout): appended after the time table.
+_LATENCY = _HEADER + timetable.CELLS
+BLOCK_CELLS = _LATENCY + latency.CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
 
 # Cell indices for the hot path, derived from COUNTERS (never a literal order).
@@ -56,6 +59,14 @@ _REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR, _INTERNAL = (
 )  # fmt: skip
 # The time table's geometry, for the inlined write in Stats.record.
 _TICKS, _SLOTS, _STRIDE = timetable.TICKS_PER_S, timetable.SLOTS, timetable.STRIDE
+# The latency section's cells, for Stats.answered.
+_L_ACK, _L_NAK = _LATENCY + latency.ACK_BUCKETS, _LATENCY + latency.NAK_BUCKETS
+_L_ACK_SUM, _L_NAK_SUM = _LATENCY + latency.ACK_SUM_NS, _LATENCY + latency.NAK_SUM_NS
+_L_UNANSWERED = _LATENCY + latency.UNANSWERED
+_L_CONNECT, _L_CONNECT_SUM = _LATENCY + latency.CONNECT_BUCKETS, _LATENCY + latency.CONNECT_SUM_NS
+_L_RING, _L_WSTRIDE, _L_WSLOTS = _LATENCY + latency.RING, latency.WSTRIDE, latency.WINDOW_S
+_L_BOUNDS, _L_BUCKET = latency.BOUNDS, latency.bucket_of
+_L_EMPTY_SLOT = memoryview(bytearray(latency.WSTRIDE * 8)).cast("q")
 
 
 def new_block() -> memoryview:
@@ -111,6 +122,37 @@ class Stats:
             if resp:
                 c[i + 2] += resp
 
+    def answered(self, seconds: float, ack: int, nak: int, now: float) -> None:
+        """``ack`` + ``nak`` answers, each ``seconds`` after its request: the histograms and the window."""
+        c = self.block
+        i = _L_BUCKET(_L_BOUNDS, seconds)
+        ns = int(seconds * 1e9)
+        if ack:
+            c[_L_ACK + i] += ack
+            c[_L_ACK_SUM] += ns * ack
+        if nak:
+            c[_L_NAK + i] += nak
+            c[_L_NAK_SUM] += ns * nak
+        tag = int(now) + 1
+        w = _L_RING + (tag % _L_WSLOTS) * _L_WSTRIDE
+        if c[w] != tag:  # a second not seen yet: the slot's old histogram is out of the window
+            c[w : w + _L_WSTRIDE] = _L_EMPTY_SLOT
+            c[w] = tag
+        c[w + 1 + i] += ack + nak
+        top = w + _L_WSTRIDE - 1
+        if ns > c[top]:
+            c[top] = ns
+
+    def unanswered(self, requests: int) -> None:
+        """A session ended owing answers to ``requests`` REQs."""
+        self.block[_L_UNANSWERED] += requests
+
+    def upstream_connected(self, seconds: float) -> None:
+        """One upstream connect took ``seconds``."""
+        c = self.block
+        c[_L_CONNECT + _L_BUCKET(_L_BOUNDS, seconds)] += 1
+        c[_L_CONNECT_SUM] += int(seconds * 1e9)
+
     def connection_opened(self) -> None:
         self.block[_ACTIVE] += 1
         self.block[_TOTAL] += 1
@@ -157,6 +199,8 @@ class Snapshot:
     uptime_s: float = 0.0
     #: Live window buckets as (age_in_buckets, requests, responses).
     buckets: list[tuple[int, int, int]] = field(default_factory=list)
+    #: The latency histograms (not in the recovery file: they start at zero).
+    latency: Latency = field(default_factory=Latency)
 
     @classmethod
     def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> Snapshot:
@@ -169,6 +213,7 @@ class Snapshot:
             windows=timetable.window_sums(buckets),
             uptime_s=max(0.0, now - started),
             buckets=buckets,
+            latency=Latency.from_sections((b[_LATENCY:] for b in blocks), now),
         )
 
     def __add__(self, other: Snapshot) -> Snapshot:
@@ -177,6 +222,7 @@ class Snapshot:
             windows=tuple(a + b for a, b in zip(self.windows, other.windows, strict=True)),  # type: ignore[arg-type]
             uptime_s=max(self.uptime_s, other.uptime_s),
             buckets=timetable.merge_buckets(self.buckets, other.buckets),
+            latency=self.latency + other.latency,
         )
 
     def as_dict(self) -> dict[str, int | float]:
@@ -197,6 +243,7 @@ class Snapshot:
         for name in COUNTERS[3:]:
             out[name] = t.get(name, 0)
         out["uptime_s"] = round(self.uptime_s, 3)
+        out.update(self.latency.fields())
         return out
 
 

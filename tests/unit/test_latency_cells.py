@@ -1,0 +1,101 @@
+"""The latency FIFO and histogram cells with an injected clock: exact figures."""
+
+from __future__ import annotations
+
+from fooproxy import latency
+from fooproxy.latency import BOUNDS, MAX_ENTRIES, Timer, quantile
+from fooproxy.stats import Snapshot, Stats, new_block
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def bucket(seconds: float) -> int:
+    return latency.bucket_of(BOUNDS, seconds)
+
+
+def test_bounds_are_log_spaced_from_25us_to_10s():
+    assert BOUNDS[0] == 25e-6 and BOUNDS[-1] == 10.0 and 0.005 in BOUNDS and 0.05 in BOUNDS
+    ratios = [b / a for a, b in zip(BOUNDS, BOUNDS[1:], strict=False)]
+    assert all(1.2 < r < 1.3 for r in ratios)
+
+
+def test_fifo_per_chunk_pipelined_answers_and_unanswered():
+    clock = Clock()
+    stats = Stats(clock=clock)
+    timer = Timer(stats)
+    timer.sent((3, 0, 0, 0), b"REQ 1\nREQ 2\nREQ 3\n")  # one entry for three REQs
+    clock.t += 0.010
+    timer.sent((1, 0, 0, 0), b"REQ 4\n")
+    clock.t += 0.010
+    timer.answered((0, 2, 0, 0), b"ACK 1\nACK 2\n")  # 20 ms
+    timer.answered((0, 1, 1, 0), b"NAK 3\nACK 4\n")  # 20 ms (NAK), 10 ms (ACK): in line order
+    snap = stats.snapshot().latency
+    assert snap.ack[bucket(0.020)] == 2 and snap.nak[bucket(0.020)] == 1 and snap.ack[bucket(0.010)] == 1
+    assert sum(snap.ack) == 3 and sum(snap.nak) == 1
+    timer.answered((0, 1, 0, 0), b"ACK 9\n")  # nothing owed: not timed
+    timer.sent((2, 0, 0, 0), b"REQ 5\nREQ 6\n")
+    assert timer.close() == 2
+    assert stats.snapshot().as_dict()["requests_unanswered"] == 2
+
+
+def test_invalid_lines_hold_their_place_untimed():
+    clock = Clock()
+    stats = Stats(clock=clock)
+    timer = Timer(stats)
+    timer.sent((1, 0, 0, 1), b"bad\nREQ 1\n")
+    clock.t += 0.005
+    timer.answered((0, 0, 1, 0), b"NAK 0 ERRDECODE\n")
+    assert sum(stats.snapshot().latency.nak) == 0
+    timer.answered((0, 1, 0, 0), b"ACK 1\n")
+    assert stats.snapshot().latency.ack[bucket(0.005)] == 1
+
+
+def test_the_fifo_is_bounded():
+    stats = Stats(clock=Clock())
+    timer = Timer(stats)
+    for _ in range(MAX_ENTRIES * 3):
+        timer.sent((1, 0, 0, 0), b"REQ 1\n")
+    assert len(timer._fifo) == MAX_ENTRIES
+    assert timer.close() == MAX_ENTRIES * 3
+
+
+def test_window_forgets_after_ten_seconds_totals_do_not():
+    clock = Clock()
+    stats = Stats(clock=clock)
+    stats.answered(0.050, 1, 0, clock.t)
+    assert stats.snapshot().as_dict()["latency_max_ms"] == 50.0
+    clock.t += 9.5
+    stats.answered(0.005, 1, 0, clock.t)
+    f = stats.snapshot().as_dict()
+    assert f["latency_max_ms"] == 50.0
+    clock.t += 1.0
+    f = stats.snapshot().as_dict()
+    assert f["latency_max_ms"] == 5.0 and 4.0 <= f["latency_p50_ms"] <= 5.0
+    assert sum(stats.snapshot().latency.ack) == 2
+
+
+def test_quantile_interpolates_inside_the_bucket_and_caps_at_the_max():
+    counts = [0] * latency.NB
+    counts[bucket(0.005)] = 50  # (4 ms, 5 ms]
+    counts[bucket(0.050)] = 50  # (40 ms, 50 ms]
+    assert abs(quantile(counts, 0.25, 0.0) - 0.0045) < 1e-9
+    assert quantile(counts, 0.99, 0.048) == 0.048
+    assert quantile([0] * latency.NB, 0.5, 0.0) == 0.0
+
+
+def test_workers_blocks_sum_exactly():
+    clock = Clock()
+    blocks = [new_block(), new_block()]  # as two workers' slots: the same summing code
+    a, b = Stats(blocks[0], clock), Stats(blocks[1], clock)
+    a.answered(0.005, 3, 1, clock.t)
+    b.answered(0.005, 2, 0, clock.t)
+    b.upstream_connected(0.0002)
+    snap = Snapshot.from_blocks(blocks, clock.t, 0.0).latency
+    assert snap.ack[bucket(0.005)] == 5 and snap.nak[bucket(0.005)] == 1 and sum(snap.connect) == 1
+    assert snap.window[bucket(0.005)] == 6
