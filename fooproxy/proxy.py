@@ -25,13 +25,15 @@ log = logging.getLogger("fooproxy.proxy")
 def connector_for(config: Config, stats: Stats) -> Connector:
     """The Connector the config asks for: a pool (its gauges in ``stats``) or one connection per client."""
     if config.pool_size <= 0:
-        return Connector(config.forward, config.connect_timeout)
+        connector = Connector(config.forward, config.connect_timeout)
+        connector.connect_timer = stats.upstream_connected
+        return connector
 
     def pool_gauges(idle: int, open_: int) -> None:
         stats.set("pool_idle", idle)
         stats.set("pool_open", open_)
 
-    return UpstreamPool(
+    pool = UpstreamPool(
         config.forward,
         config.connect_timeout,
         config.pool_size,
@@ -39,6 +41,8 @@ def connector_for(config: Config, stats: Stats) -> Connector:
         config.pool_idle,
         on_change=pool_gauges,
     )
+    pool.connect_timer = stats.upstream_connected
+    return pool
 
 
 class Proxy(StreamServer):
