@@ -8,9 +8,8 @@ on traffic: one snapshot, a fixed number of families.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-
 import platform
+from collections.abc import Callable, Iterator, Mapping
 
 import gevent
 from prometheus_client import ProcessCollector
