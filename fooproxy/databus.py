@@ -83,7 +83,7 @@ class Flow:
     """
 
     __slots__ = ("bus", "to_server", "recv", "send", "reader", "writer", "dst_fd", "counter",
-                 "lines", "nbytes", "chunk", "unsent", "watch_answers", "timed")  # fmt: skip
+                 "lines", "nbytes", "chunk", "unsent", "watch_answers", "timer")  # fmt: skip
 
     def __init__(self, bus: DataBus, src: socket, dst: socket, to_server: bool) -> None:
         raw_src, raw_dst = _raw(src), _raw(dst)
@@ -99,7 +99,7 @@ class Flow:
         self.chunk: bytes | None = None
         self.unsent: memoryview | None = None
         self.watch_answers = False  # set at client EOF on the server->client flow
-        self.timed: Callable[[tuple[int, int, int, int], bytes], None] | None = None  # the session's Timer
+        self.timer: Timer | None = None  # the session's latency Timer, for Stats.record
 
     @property
     def direction(self) -> str:
@@ -136,14 +136,9 @@ class Flow:
         n = len(data)
         bus = self.bus
         counts = self.counter.feed(data)
-        bus.record(self.to_server, n, counts)
+        bus.record(self.to_server, n, counts, self.timer, data)
         req, ack, nak, invalid = counts  # the session's own count: record() returns nothing
-        lines = req + ack + nak + invalid
-        if lines:
-            self.lines += lines
-            timed = self.timed
-            if timed is not None:
-                timed(counts, data)
+        self.lines += req + ack + nak + invalid
         self.nbytes += n
         if self.watch_answers and bus.answered:
             bus.finish(CLIENT_CLOSED)
@@ -225,9 +220,7 @@ class DataBus:
         #: Times each REQ until its answer (``latency.py``); None with ``-latency off``.
         self.timer: Timer | None = None
         if latency:
-            self.timer = timer = Timer(stats)
-            self.c2s_flow.timed = timer.sent
-            self.s2c_flow.timed = timer.answered
+            self.timer = self.c2s_flow.timer = self.s2c_flow.timer = Timer(stats)
 
     # -- state ----------------------------------------------------------------
     c2s = property(lambda self: self.c2s_flow.counter, doc="The client->server line counter.")

@@ -60,53 +60,57 @@ bucket_of = bisect.bisect_left  # bucket_of(BOUNDS, seconds): the first bound >=
 
 
 class Timer:
-    """One session's owed answers, oldest first: ``sent`` per client->server chunk, ``answered`` per reply chunk.
+    """One session's owed lines, oldest first, written by ``Stats.record`` (which only metrics read).
 
-    Owned by the session (``DataBus``); it only records into ``Stats``.
+    The oldest entry is kept unpacked (``head_t``, ``head_r``, ``head_o``): lockstep
+    traffic never has more than one, and ``Stats.record`` handles it inline. The
+    entries behind it are in ``fifo``. Owned by the session (``DataBus``), which
+    calls ``close()`` at its end.
     """
 
-    __slots__ = ("_fifo", "_clock", "_record", "_stats")
+    __slots__ = ("head_t", "head_r", "head_o", "fifo", "_stats")
 
     def __init__(self, stats) -> None:
-        self._fifo: deque[tuple[float, int, int]] = deque()
-        self._clock = stats.clock
-        self._record = stats.answered
+        self.head_t = 0.0
+        self.head_r = self.head_o = 0
+        self.fifo: deque[tuple[float, int, int]] = deque()
         self._stats = stats
 
-    def sent(self, counts: tuple[int, int, int, int], data: bytes) -> None:
-        """A client->server chunk was delivered with these ``(req, ack, nak, invalid)`` lines."""
+    def _unfold(self) -> deque[tuple[float, int, int]]:
+        fifo = self.fifo
+        if self.head_r or self.head_o:
+            fifo.appendleft((self.head_t, self.head_r, self.head_o))
+            self.head_r = self.head_o = 0
+        return fifo
+
+    def _fold(self) -> None:
+        if self.fifo:
+            self.head_t, self.head_r, self.head_o = self.fifo.popleft()
+
+    def sent(self, counts: tuple[int, int, int, int], data: bytes, now: float) -> None:
+        """A client->server chunk was delivered at ``now`` with these ``(req, ack, nak, invalid)`` lines."""
         req, ack, nak, inv = counts
-        fifo = self._fifo
+        fifo = self._unfold()
         others = ack + nak + inv
         if len(fifo) >= MAX_ENTRIES:  # too much owed: the newest entry takes it all
             when, r, o = fifo[-1]
             fifo[-1] = (when, r + req, o + others)
         elif not others:
-            fifo.append((self._clock(), req, 0))
+            fifo.append((now, req, 0))
         else:  # untimed lines among the REQs: one entry per run, in line order
-            now = self._clock()
             fifo.extend((now, r, o) for r, o in request_runs(data, req))
+        self._fold()
 
-    def answered(self, counts: tuple[int, int, int, int], data: bytes) -> None:
-        """A server->client chunk was delivered; its ACK/NAK lines answer the oldest owed lines."""
+    def answered(self, counts: tuple[int, int, int, int], data: bytes, now: float) -> None:
+        """A server->client chunk was delivered at ``now``; its ACK/NAK lines answer the oldest owed lines."""
         ack, nak = counts[1], counts[2]
         n = ack + nak
-        fifo = self._fifo
+        fifo = self._unfold()
         if not n or not fifo:
             return  # nothing answered, or answers nobody asked for: not timed
-        now = self._clock()
-        when, r, o = fifo[0]
-        if n < r and not o:  # the common case: part of one chunk's REQs (lockstep: n == r, below)
-            fifo[0] = (when, r - n, 0)
-            self._record(now - when, ack, nak, now)
-            return
-        if n == r and not o:
-            fifo.popleft()
-            self._record(now - when, ack, nak, now)
-            return
-        # Answers spanning several owed chunks (or untimed lines): they take the owed
-        # lines in order. An entry is REQs or other lines, never both (but past
-        # MAX_ENTRIES, where its REQs are taken first).
+        record = self._stats.answered
+        # The answers take the owed lines in order. An entry is REQs or other
+        # lines, never both (but past MAX_ENTRIES, where its REQs are taken first).
         order = answer_types(data, ack, nak) if ack and nak else None
         pos = 0
         while pos < n and fifo:
@@ -118,7 +122,7 @@ class Timer:
                     a = timed if ack else 0
                 else:
                     a = order[pos : pos + timed].count(ACK)
-                self._record(now - when, a, timed - a, now)
+                record(now - when, a, timed - a, now)
             pos += take
             r -= timed
             o -= take - timed
@@ -126,11 +130,12 @@ class Timer:
                 fifo[0] = (when, r, o)
             else:
                 fifo.popleft()
+        self._fold()
 
     def close(self) -> int:
         """The session ended: its REQs still owed count as unanswered. Returns how many."""
-        owed = sum(r for _, r, _ in self._fifo)
-        self._fifo.clear()
+        owed = sum(r for _, r, _ in self._unfold())
+        self.fifo.clear()
         if owed:
             self._stats.unanswered(owed)
         return owed

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fooproxy import latency, timetable
-from fooproxy.latency import Latency
+from fooproxy.latency import Latency, Timer
 from fooproxy.timetable import Clock, TimeTable
 
 #: Counter cells, in block order. Append only: the order is the shared layout.
@@ -85,10 +85,21 @@ class Stats:
         self.table = TimeTable(self.block[_HEADER:], clock)
 
     # -- hot path ---------------------------------------------------------
-    def record(self, to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> None:
+    def record(
+        self,
+        to_server: bool,
+        nbytes: int,
+        counts: tuple[int, int, int, int],
+        timer: Timer | None = None,
+        data: bytes = b"",
+    ) -> None:
         """Account one forwarded chunk and the ``(req, ack, nak, invalid)`` lines it completed.
 
         It only records: the session keeps its own line counts (metrics never steer sessions).
+        With the session's latency ``timer`` (``latency.Timer``, which only metrics read),
+        a chunk's REQs are remembered and its answers timed, with the one clock
+        reading the time table takes; lockstep's one owed chunk is the timer's
+        ``head``, without the FIFO (``data`` is only read on the timer's rare paths).
 
         Called once per chunk in each direction: kept to a few cell updates, with
         the time table's write inlined: ``TimeTable.restore`` of one
@@ -109,8 +120,11 @@ class Stats:
             if nak:
                 c[_NAK] += nak
         elif not req:
+            if inv and to_server and timer is not None:
+                timer.sent(counts, data, self.clock())  # answered, so it holds its place
             return  # no request and no response: nothing for the time table
-        b = int(self.clock() * _TICKS)  # timetable.bucket_of, inlined
+        now = self.clock()
+        b = int(now * _TICKS)  # timetable.bucket_of, inlined
         i = _HEADER + (b % _SLOTS) * _STRIDE
         if c[i] != b:
             c[i] = b
@@ -121,6 +135,20 @@ class Stats:
                 c[i + 1] += req
             if resp:
                 c[i + 2] += resp
+        if timer is None:
+            return
+        if to_server:
+            if inv or resp or timer.head_r or timer.head_o:
+                timer.sent(counts, data, now)
+            else:  # nothing owed: this chunk's REQs are the head
+                timer.head_t = now
+                timer.head_r = req
+        elif resp:
+            if resp == timer.head_r and not timer.head_o and not timer.fifo:
+                timer.head_r = 0  # the head answered in full, nothing behind it
+                self.answered(now - timer.head_t, ack, nak, now)
+            else:
+                timer.answered(counts, data, now)
 
     def answered(self, seconds: float, ack: int, nak: int, now: float) -> None:
         """``ack`` + ``nak`` answers, each ``seconds`` after its request: the histograms and the window."""

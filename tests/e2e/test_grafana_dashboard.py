@@ -54,9 +54,7 @@ def test_metric_names_parse():
     assert metric_names('histogram_quantile(0.5, sum by (le) (rate(a_bucket{x=~"$i"}[$__rate_interval])))') == {
         "a_bucket"
     }
-    assert metric_names("time() - process_start_time_seconds{instance=~\"$instance\"}") == {
-        "process_start_time_seconds"
-    }
+    assert metric_names('time() - process_start_time_seconds{instance=~"$instance"}') == {"process_start_time_seconds"}
 
 
 def test_every_dashboard_metric_is_served(procs, server):

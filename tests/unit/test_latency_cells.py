@@ -15,6 +15,14 @@ class Clock:
         return self.t
 
 
+def sent(stats: Stats, timer: Timer, counts: tuple, data: bytes) -> None:
+    stats.record(True, len(data), counts, timer, data)  # as Flow.delivered does
+
+
+def answered(stats: Stats, timer: Timer, counts: tuple, data: bytes) -> None:
+    stats.record(False, len(data), counts, timer, data)
+
+
 def bucket(seconds: float) -> int:
     return latency.bucket_of(BOUNDS, seconds)
 
@@ -29,17 +37,17 @@ def test_fifo_per_chunk_pipelined_answers_and_unanswered():
     clock = Clock()
     stats = Stats(clock=clock)
     timer = Timer(stats)
-    timer.sent((3, 0, 0, 0), b"REQ 1\nREQ 2\nREQ 3\n")  # one entry for three REQs
+    sent(stats, timer, (3, 0, 0, 0), b"REQ 1\nREQ 2\nREQ 3\n")  # one entry for three REQs
     clock.t += 0.010
-    timer.sent((1, 0, 0, 0), b"REQ 4\n")
+    sent(stats, timer, (1, 0, 0, 0), b"REQ 4\n")
     clock.t += 0.010
-    timer.answered((0, 2, 0, 0), b"ACK 1\nACK 2\n")  # 20 ms
-    timer.answered((0, 1, 1, 0), b"NAK 3\nACK 4\n")  # 20 ms (NAK), 10 ms (ACK): in line order
+    answered(stats, timer, (0, 2, 0, 0), b"ACK 1\nACK 2\n")  # 20 ms
+    answered(stats, timer, (0, 1, 1, 0), b"NAK 3\nACK 4\n")  # 20 ms (NAK), 10 ms (ACK): in line order
     snap = stats.snapshot().latency
     assert snap.ack[bucket(0.020)] == 2 and snap.nak[bucket(0.020)] == 1 and snap.ack[bucket(0.010)] == 1
     assert sum(snap.ack) == 3 and sum(snap.nak) == 1
-    timer.answered((0, 1, 0, 0), b"ACK 9\n")  # nothing owed: not timed
-    timer.sent((2, 0, 0, 0), b"REQ 5\nREQ 6\n")
+    answered(stats, timer, (0, 1, 0, 0), b"ACK 9\n")  # nothing owed: not timed
+    sent(stats, timer, (2, 0, 0, 0), b"REQ 5\nREQ 6\n")
     assert timer.close() == 2
     assert stats.snapshot().as_dict()["requests_unanswered"] == 2
 
@@ -48,11 +56,11 @@ def test_invalid_lines_hold_their_place_untimed():
     clock = Clock()
     stats = Stats(clock=clock)
     timer = Timer(stats)
-    timer.sent((1, 0, 0, 1), b"bad\nREQ 1\n")
+    sent(stats, timer, (1, 0, 0, 1), b"bad\nREQ 1\n")
     clock.t += 0.005
-    timer.answered((0, 0, 1, 0), b"NAK 0 ERRDECODE\n")
+    answered(stats, timer, (0, 0, 1, 0), b"NAK 0 ERRDECODE\n")
     assert sum(stats.snapshot().latency.nak) == 0
-    timer.answered((0, 1, 0, 0), b"ACK 1\n")
+    answered(stats, timer, (0, 1, 0, 0), b"ACK 1\n")
     assert stats.snapshot().latency.ack[bucket(0.005)] == 1
 
 
@@ -60,8 +68,8 @@ def test_the_fifo_is_bounded():
     stats = Stats(clock=Clock())
     timer = Timer(stats)
     for _ in range(MAX_ENTRIES * 3):
-        timer.sent((1, 0, 0, 0), b"REQ 1\n")
-    assert len(timer._fifo) == MAX_ENTRIES
+        sent(stats, timer, (1, 0, 0, 0), b"REQ 1\n")
+    assert len(timer.fifo) + 1 == MAX_ENTRIES  # the head, then the FIFO
     assert timer.close() == MAX_ENTRIES * 3
 
 
