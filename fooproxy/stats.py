@@ -66,7 +66,12 @@ _L_UNANSWERED = _LATENCY + latency.UNANSWERED
 _L_CONNECT, _L_CONNECT_SUM = _LATENCY + latency.CONNECT_BUCKETS, _LATENCY + latency.CONNECT_SUM_NS
 _L_RING, _L_WSTRIDE, _L_WSLOTS = _LATENCY + latency.RING, latency.WSTRIDE, latency.WINDOW_S
 _L_BOUNDS, _L_BUCKET = latency.BOUNDS, latency.bucket_of
+_L_FAST, _L_FAST_PER_S, _L_FAST_S = latency.FAST, latency.FAST_PER_S, latency.FAST_S
 _L_EMPTY_SLOT = memoryview(bytearray(latency.WSTRIDE * 8)).cast("q")
+_L_NB = latency.NB
+# Stats._pending: ACK buckets, NAK buckets, then the two sums (ns) and the max (ns).
+_PENDING_ACK_SUM, _PENDING_NAK_SUM, _PENDING_MAX = 2 * _L_NB, 2 * _L_NB + 1, 2 * _L_NB + 2
+_PENDING_CELLS = 2 * _L_NB + 3
 
 
 def new_block() -> memoryview:
@@ -83,6 +88,8 @@ class Stats:
         self.clock = clock
         self.started = clock()
         self.table = TimeTable(self.block[_HEADER:], clock)
+        #: Latency counts not yet in the block (``answered``, ``flush``): ACK buckets, NAK buckets, sums, max.
+        self._pending = [0] * _PENDING_CELLS
 
     # -- hot path ---------------------------------------------------------
     def record(
@@ -146,30 +153,69 @@ class Stats:
         elif resp:
             if resp == timer.head_r and not timer.head_o and not timer.fifo:
                 timer.head_r = 0  # the head answered in full, nothing behind it
-                self.answered(now - timer.head_t, ack, nak, now)
+                seconds = now - timer.head_t
+                if seconds > timer.max_s:
+                    timer.max_s = seconds
+                # self.answered(seconds, ack, nak), inlined (the test of both holds them together)
+                if seconds < _L_FAST_S:
+                    i = _L_FAST[int(seconds * _L_FAST_PER_S)]  # the clock is monotonic: never negative
+                else:
+                    i = _L_BUCKET(_L_BOUNDS, seconds)
+                ns = int(seconds * 1e9)
+                pending = self._pending
+                if ack:
+                    pending[i] += ack
+                    pending[_PENDING_ACK_SUM] += ns * ack
+                if nak:
+                    pending[_L_NB + i] += nak
+                    pending[_PENDING_NAK_SUM] += ns * nak
+                if ns > pending[_PENDING_MAX]:
+                    pending[_PENDING_MAX] = ns
             else:
                 timer.answered(counts, data, now)
 
-    def answered(self, seconds: float, ack: int, nak: int, now: float) -> None:
-        """``ack`` + ``nak`` answers, each ``seconds`` after its request: the histograms and the window."""
-        c = self.block
-        i = _L_BUCKET(_L_BOUNDS, seconds)
+    def answered(self, seconds: float, ack: int, nak: int) -> None:
+        """``ack`` + ``nak`` answers, each ``seconds`` after its request.
+
+        Counted in this process's pending lists (a list cell costs a fraction
+        of a shared int64 cell); ``flush`` moves them into the block: at every
+        ``snapshot()`` of this ``Stats``, and in a worker at each heartbeat.
+        """
+        i = _L_FAST[int(seconds * _L_FAST_PER_S)] if 0 <= seconds < _L_FAST_S else _L_BUCKET(_L_BOUNDS, seconds)
         ns = int(seconds * 1e9)
+        pending = self._pending
         if ack:
-            c[_L_ACK + i] += ack
-            c[_L_ACK_SUM] += ns * ack
+            pending[i] += ack
+            pending[_PENDING_ACK_SUM] += ns * ack
         if nak:
-            c[_L_NAK + i] += nak
-            c[_L_NAK_SUM] += ns * nak
-        tag = int(now) + 1
+            pending[_L_NB + i] += nak
+            pending[_PENDING_NAK_SUM] += ns * nak
+        if ns > pending[_PENDING_MAX]:
+            pending[_PENDING_MAX] = ns
+
+    def flush(self, now: float | None = None) -> None:
+        """Move the pending latency counts into the block: totals, and the window's current second."""
+        pending = self._pending
+        if not any(pending):
+            return
+        self._pending = [0] * _PENDING_CELLS
+        c = self.block
+        tag = int(self.clock() if now is None else now) + 1
         w = _L_RING + (tag % _L_WSLOTS) * _L_WSTRIDE
         if c[w] != tag:  # a second not seen yet: the slot's old histogram is out of the window
             c[w : w + _L_WSTRIDE] = _L_EMPTY_SLOT
             c[w] = tag
-        c[w + 1 + i] += ack + nak
+        for i in range(_L_NB):
+            ack, nak = pending[i], pending[_L_NB + i]
+            if ack or nak:
+                c[_L_ACK + i] += ack
+                c[_L_NAK + i] += nak
+                c[w + 1 + i] += ack + nak
+        c[_L_ACK_SUM] += pending[_PENDING_ACK_SUM]
+        c[_L_NAK_SUM] += pending[_PENDING_NAK_SUM]
         top = w + _L_WSTRIDE - 1
-        if ns > c[top]:
-            c[top] = ns
+        if pending[_PENDING_MAX] > c[top]:
+            c[top] = pending[_PENDING_MAX]
 
     def unanswered(self, requests: int) -> None:
         """A session ended owing answers to ``requests`` REQs."""
@@ -206,8 +252,10 @@ class Stats:
 
     # -- reading ----------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """Totals and window counts as of now."""
-        return Snapshot.from_blocks([self.block], self.clock(), self.started)
+        """Totals and window counts as of now (pending latency counts flushed first)."""
+        now = self.clock()
+        self.flush(now)
+        return Snapshot.from_blocks([self.block], now, self.started)
 
     def restore(self, snap: Snapshot, now: float | None = None) -> None:
         """Add a saved snapshot's history (totals, live buckets) to this block."""

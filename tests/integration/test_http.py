@@ -81,8 +81,8 @@ def feed(stats: Stats, clock: FakeClock) -> None:
     stats.record(True, 50, Counts(req=10))  # both windows
     stats.record(False, 300, Counts(ack=25, nak=5))
     stats.record(True, 7, Counts(invalid=3))
-    stats.answered(0.0052, 20, 0, clock.t)  # in (5 ms, 6.3 ms]
-    stats.answered(0.0520, 0, 5, clock.t)  # in (50 ms, 63 ms]
+    stats.answered(0.0052, 20, 0)  # in (5 ms, 6.3 ms]
+    stats.answered(0.0520, 0, 5)  # in (50 ms, 63 ms]
     stats.upstream_connected(0.0003)
     clock.t = 1009.9
 

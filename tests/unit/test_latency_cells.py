@@ -76,10 +76,10 @@ def test_the_fifo_is_bounded():
 def test_window_forgets_after_ten_seconds_totals_do_not():
     clock = Clock()
     stats = Stats(clock=clock)
-    stats.answered(0.050, 1, 0, clock.t)
+    stats.answered(0.050, 1, 0)
     assert stats.snapshot().as_dict()["latency_max_ms"] == 50.0
     clock.t += 9.5
-    stats.answered(0.005, 1, 0, clock.t)
+    stats.answered(0.005, 1, 0)
     f = stats.snapshot().as_dict()
     assert f["latency_max_ms"] == 50.0
     clock.t += 1.0
@@ -101,9 +101,38 @@ def test_workers_blocks_sum_exactly():
     clock = Clock()
     blocks = [new_block(), new_block()]  # as two workers' slots: the same summing code
     a, b = Stats(blocks[0], clock), Stats(blocks[1], clock)
-    a.answered(0.005, 3, 1, clock.t)
-    b.answered(0.005, 2, 0, clock.t)
+    a.answered(0.005, 3, 1)
+    b.answered(0.005, 2, 0)
     b.upstream_connected(0.0002)
+    a.flush(), b.flush()  # as workers do at each heartbeat
     snap = Snapshot.from_blocks(blocks, clock.t, 0.0).latency
     assert snap.ack[bucket(0.005)] == 5 and snap.nak[bucket(0.005)] == 1 and sum(snap.connect) == 1
     assert snap.window[bucket(0.005)] == 6
+
+
+def test_the_fast_bucket_table_agrees_with_bisect_off_the_half_microsecond_steps():
+    import random
+
+    rng = random.Random(11)
+    for _ in range(20000):
+        seconds = rng.uniform(0, latency.FAST_S) if rng.random() < 0.5 else 10 ** rng.uniform(-6, -0.9)
+        if seconds >= latency.FAST_S:
+            continue
+        k = int(seconds * latency.FAST_PER_S)
+        want = bucket(k / latency.FAST_PER_S)  # the step's start: exact, as the table says
+        assert latency.FAST[k] == want, (seconds, k)
+    for b in BOUNDS:
+        if b < latency.FAST_S:
+            assert latency.FAST[round(b * latency.FAST_PER_S)] == bucket(b)  # a bound is in its own bucket
+
+
+def test_record_times_lockstep_inline_as_answered_does():
+    for seconds in (0.00003, 0.0052, 0.05, 0.2, 12.0):
+        clock = Clock()
+        inline, called = Stats(clock=clock), Stats(clock=Clock())
+        timer = Timer(inline)
+        sent(inline, timer, (1, 0, 0, 0), b"REQ 1\n")
+        clock.t += seconds
+        answered(inline, timer, (0, 0, 1, 0), b"NAK 1\n")
+        called.answered(clock.t - 1000.0, 0, 1)
+        assert inline._pending == called._pending, seconds
