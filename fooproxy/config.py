@@ -246,6 +246,7 @@ def on_off(text: str, flag: str) -> bool:
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 #: Workers stamp a heartbeat every 0.5 s (worker.HEARTBEAT_INTERVAL): allow at least two.
 MIN_HEARTBEAT_TIMEOUT = 1.0
 
@@ -261,6 +262,8 @@ class Config:
     http_allow: tuple[IPNetwork, ...] | None = None
     recovery_path: str | None = ".data/recovery.json"
     log_level: str = "info"
+    #: ``text`` or ``json`` (one object per line).
+    log_format: str = "text"
     grace: float = 10.0
     linger: float = 5.0
     connect_timeout: float = 5.0
@@ -286,6 +289,9 @@ class Config:
         level = opts["--log-level"].lower()
         if level not in LOG_LEVELS:
             raise ConfigError("-log-level: expected one of %s, got %r" % ("/".join(LOG_LEVELS), level))
+        log_format = opts["--log-format"].strip().lower()
+        if log_format not in LOG_FORMATS:
+            raise ConfigError("-log-format: expected text or json, got %r" % opts["--log-format"])
         workers_s = opts["--workers"]
         if workers_s.strip().lower() == "auto":
             workers = os.cpu_count() or 1
@@ -309,6 +315,7 @@ class Config:
             http_allow=parse_allow(opts["--http-allow"], http_address),
             recovery_path=recovery,
             log_level=level,
+            log_format=log_format,
             grace=_ranged(positive_float(opts["--grace"], "-grace", allow_zero=True), "-grace"),
             linger=_ranged(positive_float(opts["--linger"], "-linger", allow_zero=True), "-linger"),
             connect_timeout=_ranged(positive_float(opts["--connect-timeout"], "-connect-timeout"), "-connect-timeout"),
