@@ -69,7 +69,7 @@ _L_BOUNDS, _L_BUCKET = latency.BOUNDS, latency.bucket_of
 _L_FAST, _L_FAST_PER_S, _L_FAST_S = latency.FAST, latency.FAST_PER_S, latency.FAST_S
 _L_EMPTY_SLOT = memoryview(bytearray(latency.WSTRIDE * 8)).cast("q")
 _L_NB = latency.NB
-# Stats._pending: ACK buckets, NAK buckets, then the two sums (ns) and the max (ns).
+# Stats._pending: ACK buckets, NAK buckets, then the two sums and the max (float seconds; ns in the block).
 _PENDING_ACK_SUM, _PENDING_NAK_SUM, _PENDING_MAX = 2 * _L_NB, 2 * _L_NB + 1, 2 * _L_NB + 2
 _PENDING_CELLS = 2 * _L_NB + 3
 
@@ -145,7 +145,7 @@ class Stats:
         if timer is None:
             return
         if to_server:
-            if inv or resp or timer.head_r or timer.head_o:
+            if timer.head_r or timer.head_o or inv or resp:
                 timer.sent(counts, data, now)
             else:  # nothing owed: this chunk's REQs are the head
                 timer.head_t = now
@@ -161,16 +161,15 @@ class Stats:
                     i = _L_FAST[int(seconds * _L_FAST_PER_S)]  # the clock is monotonic: never negative
                 else:
                     i = _L_BUCKET(_L_BOUNDS, seconds)
-                ns = int(seconds * 1e9)
                 pending = self._pending
                 if ack:
                     pending[i] += ack
-                    pending[_PENDING_ACK_SUM] += ns * ack
+                    pending[_PENDING_ACK_SUM] += seconds * ack
                 if nak:
                     pending[_L_NB + i] += nak
-                    pending[_PENDING_NAK_SUM] += ns * nak
-                if ns > pending[_PENDING_MAX]:
-                    pending[_PENDING_MAX] = ns
+                    pending[_PENDING_NAK_SUM] += seconds * nak
+                if seconds > pending[_PENDING_MAX]:
+                    pending[_PENDING_MAX] = seconds
             else:
                 timer.answered(counts, data, now)
 
@@ -182,16 +181,15 @@ class Stats:
         ``snapshot()`` of this ``Stats``, and in a worker at each heartbeat.
         """
         i = _L_FAST[int(seconds * _L_FAST_PER_S)] if 0 <= seconds < _L_FAST_S else _L_BUCKET(_L_BOUNDS, seconds)
-        ns = int(seconds * 1e9)
         pending = self._pending
         if ack:
             pending[i] += ack
-            pending[_PENDING_ACK_SUM] += ns * ack
+            pending[_PENDING_ACK_SUM] += seconds * ack
         if nak:
             pending[_L_NB + i] += nak
-            pending[_PENDING_NAK_SUM] += ns * nak
-        if ns > pending[_PENDING_MAX]:
-            pending[_PENDING_MAX] = ns
+            pending[_PENDING_NAK_SUM] += seconds * nak
+        if seconds > pending[_PENDING_MAX]:
+            pending[_PENDING_MAX] = seconds
 
     def flush(self, now: float | None = None) -> None:
         """Move the pending latency counts into the block: totals, and the window's current second."""
@@ -211,11 +209,12 @@ class Stats:
                 c[_L_ACK + i] += ack
                 c[_L_NAK + i] += nak
                 c[w + 1 + i] += ack + nak
-        c[_L_ACK_SUM] += pending[_PENDING_ACK_SUM]
-        c[_L_NAK_SUM] += pending[_PENDING_NAK_SUM]
+        c[_L_ACK_SUM] += round(pending[_PENDING_ACK_SUM] * 1e9)
+        c[_L_NAK_SUM] += round(pending[_PENDING_NAK_SUM] * 1e9)
         top = w + _L_WSTRIDE - 1
-        if pending[_PENDING_MAX] > c[top]:
-            c[top] = pending[_PENDING_MAX]
+        longest = round(pending[_PENDING_MAX] * 1e9)
+        if longest > c[top]:
+            c[top] = longest
 
     def unanswered(self, requests: int) -> None:
         """A session ended owing answers to ``requests`` REQs."""
