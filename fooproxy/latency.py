@@ -103,6 +103,10 @@ class Timer:
         if self.fifo:
             self.head_t, self.head_r, self.head_o = self.fifo.popleft()
 
+    def next(self) -> None:
+        """The head was answered in full: the next owed entry becomes the head."""
+        self.head_t, self.head_r, self.head_o = self.fifo.popleft()
+
     def sent(self, counts: tuple[int, int, int, int], data: bytes, now: float) -> None:
         """A client->server chunk was delivered at ``now`` with these ``(req, ack, nak, invalid)`` lines."""
         req, ack, nak, inv = counts

@@ -67,6 +67,7 @@ _L_CONNECT, _L_CONNECT_SUM = _LATENCY + latency.CONNECT_BUCKETS, _LATENCY + late
 _L_RING, _L_WSTRIDE, _L_WSLOTS = _LATENCY + latency.RING, latency.WSTRIDE, latency.WINDOW_S
 _L_BOUNDS, _L_BUCKET = latency.BOUNDS, latency.bucket_of
 _L_FAST, _L_FAST_PER_S, _L_FAST_S = latency.FAST, latency.FAST_PER_S, latency.FAST_S
+_L_BEHIND = latency.MAX_ENTRIES - 1  # FIFO entries behind the timer's head
 _L_EMPTY_SLOT = memoryview(bytearray(latency.WSTRIDE * 8)).cast("q")
 _L_NB = latency.NB
 # Stats._pending: ACK buckets, NAK buckets, then the two sums and the max (float seconds; ns in the block).
@@ -145,18 +146,25 @@ class Stats:
         if timer is None:
             return
         if to_server:
-            if timer.head_r or timer.head_o or inv or resp:
-                timer.sent(counts, data, now)
-            else:  # nothing owed: this chunk's REQs are the head
+            if inv or resp:
+                timer.sent(counts, data, now)  # lines answered but not timed: in line order
+            elif not (timer.head_r or timer.head_o):  # nothing owed: this chunk's REQs are the head
                 timer.head_t = now
                 timer.head_r = req
+            elif len(timer.fifo) < _L_BEHIND:
+                timer.fifo.append((now, req, 0))
+            else:
+                timer.sent(counts, data, now)  # too much owed: coalesced
         elif resp:
-            if resp == timer.head_r and not timer.head_o and not timer.fifo:
-                timer.head_r = 0  # the head answered in full, nothing behind it
+            owed = timer.head_r
+            if resp <= owed and not timer.head_o:  # all of them answer the head: one latency
                 seconds = now - timer.head_t
+                timer.head_r = owed - resp
+                if resp == owed and timer.fifo:
+                    timer.next()
                 if seconds > timer.max_s:
                     timer.max_s = seconds
-                # self.answered(seconds, ack, nak), inlined (the test of both holds them together)
+                # self.answered(seconds, ack, nak), inlined (a unit test holds the two together)
                 if seconds < _L_FAST_S:
                     i = _L_FAST[int(seconds * _L_FAST_PER_S)]  # the clock is monotonic: never negative
                 else:

@@ -136,3 +136,22 @@ def test_record_times_lockstep_inline_as_answered_does():
         answered(inline, timer, (0, 0, 1, 0), b"NAK 1\n")
         called.answered(clock.t - 1000.0, 0, 1)
         assert inline._pending == called._pending, seconds
+
+
+def test_pipelined_chunks_behind_the_head_and_answers_in_pieces():
+    clock = Clock()
+    stats = Stats(clock=clock)
+    timer = Timer(stats)
+    sent(stats, timer, (4, 0, 0, 0), b"REQ 1\nREQ 2\nREQ 3\nREQ 4\n")  # the head
+    clock.t += 0.001
+    sent(stats, timer, (2, 0, 0, 0), b"REQ 5\nREQ 6\n")  # behind it
+    clock.t += 0.002
+    answered(stats, timer, (0, 1, 0, 0), b"ACK 1\nAC")  # part of the head: 3 ms
+    answered(stats, timer, (0, 2, 1, 0), b"K 2\nNAK 3\nACK 4\n")  # the rest of the head: 3 ms
+    clock.t += 0.004
+    answered(stats, timer, (0, 1, 1, 0), b"ACK 5\nNAK 6\n")  # the next entry, now the head: 6 ms
+    lat = stats.snapshot().latency
+    assert lat.ack[bucket(0.003)] == 3 and lat.nak[bucket(0.003)] == 1
+    assert lat.ack[bucket(0.006)] == 1 and lat.nak[bucket(0.006)] == 1
+    assert timer.close() == 0 and not timer.fifo and timer.head_r == 0
+    assert abs(timer.max_s - 0.006) < 1e-9
