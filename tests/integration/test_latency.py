@@ -41,13 +41,15 @@ def test_each_request_lands_in_its_delays_bucket_and_the_percentiles_follow(dela
         c.sendall(b"REQ %d d50n\n" % (2 * i + 1))
         assert recv_lines(c, 1) == [b"NAK %d\n" % (2 * i + 1)]
     s = lat(d)
-    # Never below the delay (a bound is 5 ms / 50 ms exactly), at most one bucket above it plus slack.
-    assert within(s.ack, 0.005, 0.0125) == 10 == sum(s.ack), spread(s.ack)
-    assert within(s.nak, 0.05, 0.063) == 10 == sum(s.nak), spread(s.nak)
-    assert 10 * 0.005e9 <= s.ack_sum_ns < 10 * 0.0125e9
+    # Never below its delay (5 ms and 50 ms are bucket bounds), and the 5 ms ones never reach 50 ms;
+    # most land in the bucket just above the delay (a loaded machine delays a few by some ms).
+    assert within(s.ack, 0.005, 0.05) == 10 == sum(s.ack), spread(s.ack)
+    assert within(s.nak, 0.05, 0.1) == 10 == sum(s.nak), spread(s.nak)
+    assert within(s.ack, 0.005, 0.008) >= 5 and within(s.nak, 0.05, 0.08) >= 5, (spread(s.ack), spread(s.nak))
+    assert 10 * 0.005e9 <= s.ack_sum_ns < 10 * 0.05e9
     f = d.snapshot().as_dict()
-    assert 5.0 <= f["latency_p50_ms"] <= 12.5
-    assert 50.0 <= f["latency_p90_ms"] <= f["latency_p99_ms"] <= f["latency_max_ms"] <= 63.0
+    assert 5.0 <= f["latency_p50_ms"] < 50.0  # the 10th of 20: the slowest 5 ms one
+    assert 50.0 <= f["latency_p90_ms"] <= f["latency_p99_ms"] <= f["latency_max_ms"] <= 100.0
     assert f["requests_unanswered"] == 0
     assert list(f)[:8] == ["msg_total", "msg_req", "msg_ack", "msg_nak", "request_rate_1s",
                            "request_rate_10s", "response_rate_1s", "response_rate_10s"]  # fmt: skip
@@ -65,9 +67,9 @@ def test_pipelined_requests_wait_behind_the_slow_one_they_follow(delay_server, p
     c.sendall(b"REQ 5 d5n\n")
     assert recv_lines(c, 2) == [b"ACK 4\n", b"NAK 5\n"]
     s = lat(d)
-    assert within(s.ack, 0.005, 0.0125) == 1, spread(s.ack)
-    assert within(s.ack, 0.04, 0.063) == 2, spread(s.ack)  # REQ 3 (50 ms), REQ 4
-    assert within(s.nak, 0.04, 0.063) == 2, spread(s.nak)  # REQ 2, REQ 5 (sent a moment after REQ 4)
+    assert within(s.ack, 0.005, 0.04) == 1, spread(s.ack)
+    assert within(s.ack, 0.04, 0.1) == 2, spread(s.ack)  # REQ 3 (50 ms), REQ 4
+    assert within(s.nak, 0.04, 0.1) == 2, spread(s.nak)  # REQ 2, REQ 5 (sent a moment after REQ 4)
     c.close()
 
 
@@ -77,7 +79,7 @@ def test_an_answer_split_across_chunks_is_timed_at_its_newline(delay_server, pro
     c.sendall(b"REQ 1 d5s\n")  # "ACK" at 5 ms, " 1\n" 20 ms later
     assert recv_lines(c, 1) == [b"ACK 1\n"]
     s = lat(d)
-    assert within(s.ack, 0.025, 0.04) == 1 == sum(s.ack), spread(s.ack)
+    assert within(s.ack, 0.025, 0.05) == 1 == sum(s.ack), spread(s.ack)
     c.close()
 
 
@@ -88,7 +90,7 @@ def test_untimed_lines_keep_the_order_and_owed_requests_count_as_unanswered(dela
     c.sendall(b"hello\nREQ 1 d50\n")
     assert recv_lines(c, 2) == [b"NAK 0 ERRDECODE\n", b"ACK 1\n"]
     s = lat(d)
-    assert sum(s.nak) == 0 and within(s.ack, 0.05, 0.063) == 1 == sum(s.ack), (spread(s.ack), spread(s.nak))
+    assert sum(s.nak) == 0 and within(s.ack, 0.05, 0.1) == 1 == sum(s.ack), (spread(s.ack), spread(s.nak))
     # Three requests the server takes 5 s to answer; the client leaves, linger (0.2 s) runs out.
     c.sendall(b"REQ 2 d5000\nREQ 3 d5000\n")
     c.sendall(b"REQ 4 d5000\n")
