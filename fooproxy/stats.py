@@ -91,6 +91,7 @@ class Stats:
         self.table = TimeTable(self.block[_HEADER:], clock)
         #: Latency counts not yet in the block (``answered``, ``flush``): ACK buckets, NAK buckets, sums, max.
         self._pending = [0] * _PENDING_CELLS
+        self._pending_sec = int(self.started)  # the second they were counted in
 
     # -- hot path ---------------------------------------------------------
     def record(
@@ -138,6 +139,9 @@ class Stats:
             c[i] = b
             c[i + 1] = req
             c[i + 2] = resp
+            if b // _TICKS != self._pending_sec:  # a new second: the pending latencies belong to the last
+                self.flush()
+                self._pending_sec = b // _TICKS
         else:
             if req:
                 c[i + 1] += req
@@ -199,14 +203,18 @@ class Stats:
         if seconds > pending[_PENDING_MAX]:
             pending[_PENDING_MAX] = seconds
 
-    def flush(self, now: float | None = None) -> None:
-        """Move the pending latency counts into the block: totals, and the window's current second."""
+    def flush(self) -> None:
+        """Move the pending latency counts into the block: totals, and the window slot of their second.
+
+        They all belong to ``_pending_sec``: ``record`` flushes at the first chunk of each new
+        second, before it counts anything in it.
+        """
         pending = self._pending
         if not any(pending):
             return
         self._pending = [0] * _PENDING_CELLS
         c = self.block
-        tag = int(self.clock() if now is None else now) + 1
+        tag = self._pending_sec + 1
         w = _L_RING + (tag % _L_WSLOTS) * _L_WSTRIDE
         if c[w] != tag:  # a second not seen yet: the slot's old histogram is out of the window
             c[w : w + _L_WSTRIDE] = _L_EMPTY_SLOT
@@ -260,9 +268,8 @@ class Stats:
     # -- reading ----------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """Totals and window counts as of now (pending latency counts flushed first)."""
-        now = self.clock()
-        self.flush(now)
-        return Snapshot.from_blocks([self.block], now, self.started)
+        self.flush()
+        return Snapshot.from_blocks([self.block], self.clock(), self.started)
 
     def restore(self, snap: Snapshot, now: float | None = None) -> None:
         """Add a saved snapshot's history (totals, live buckets) to this block."""

@@ -73,19 +73,36 @@ def test_the_fifo_is_bounded():
     assert timer.close() == MAX_ENTRIES * 3
 
 
+def exchange(stats: Stats, timer: Timer, clock: Clock, seconds: float) -> None:
+    sent(stats, timer, (1, 0, 0, 0), b"REQ 1\n")
+    clock.t += seconds
+    answered(stats, timer, (0, 1, 0, 0), b"ACK 1\n")
+
+
 def test_window_forgets_after_ten_seconds_totals_do_not():
     clock = Clock()
     stats = Stats(clock=clock)
-    stats.answered(0.050, 1, 0)
+    timer = Timer(stats)
+    exchange(stats, timer, clock, 0.050)
     assert stats.snapshot().as_dict()["latency_max_ms"] == 50.0
-    clock.t += 9.5
-    stats.answered(0.005, 1, 0)
+    clock.t += 9.4
+    exchange(stats, timer, clock, 0.005)
     f = stats.snapshot().as_dict()
     assert f["latency_max_ms"] == 50.0
     clock.t += 1.0
     f = stats.snapshot().as_dict()
     assert f["latency_max_ms"] == 5.0 and 4.0 <= f["latency_p50_ms"] <= 5.0
     assert sum(stats.snapshot().latency.ack) == 2
+
+
+def test_latencies_count_in_the_second_they_happened_whenever_read():
+    clock = Clock()
+    stats = Stats(clock=clock)
+    timer = Timer(stats)
+    exchange(stats, timer, clock, 0.050)  # nobody reads the stats...
+    clock.t += 30.0  # ...until long after: the answer is out of the window, in the totals
+    f = stats.snapshot().as_dict()
+    assert f["latency_max_ms"] == 0.0 and sum(stats.snapshot().latency.ack) == 1
 
 
 def test_quantile_interpolates_inside_the_bucket_and_caps_at_the_max():
