@@ -14,6 +14,7 @@ metrics, never summed or shown), then one stats block.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import tempfile
@@ -67,6 +68,7 @@ _L_CONNECT, _L_CONNECT_SUM = _LATENCY + latency.CONNECT_BUCKETS, _LATENCY + late
 _L_RING, _L_WSTRIDE, _L_WSLOTS = _LATENCY + latency.RING, latency.WSTRIDE, latency.WINDOW_S
 _L_BOUNDS, _L_BUCKET = latency.BOUNDS, latency.bucket_of
 _L_FAST, _L_FAST_PER_S, _L_FAST_S = latency.FAST, latency.FAST_PER_S, latency.FAST_S
+_floor = math.floor  # a METH_O call: cheaper than int(float), which goes through type_call
 _L_BEHIND = latency.MAX_ENTRIES - 1  # FIFO entries behind the timer's head
 _L_EMPTY_SLOT = memoryview(bytearray(latency.WSTRIDE * 8)).cast("q")
 _L_NB = latency.NB
@@ -150,18 +152,18 @@ class Stats:
         if timer is None:
             return
         if to_server:
-            if inv or resp:
+            if inv != 0 or resp != 0:
                 timer.sent(counts, data, now)  # lines answered but not timed: in line order
-            elif not (timer.head_r or timer.head_o):  # nothing owed: this chunk's REQs are the head
+            elif timer.head_r == 0 and timer.head_o == 0:  # nothing owed: this chunk's REQs are the head
                 timer.head_t = now
                 timer.head_r = req
             elif len(timer.fifo) < _L_BEHIND:
                 timer.fifo.append((now, req, 0))
             else:
                 timer.sent(counts, data, now)  # too much owed: coalesced
-        elif resp:
+        elif resp != 0:
             owed = timer.head_r
-            if resp <= owed and not timer.head_o:  # all of them answer the head: one latency
+            if resp <= owed and timer.head_o == 0:  # all of them answer the head: one latency
                 seconds = now - timer.head_t
                 timer.head_r = owed - resp
                 if resp == owed and timer.fifo:
@@ -170,16 +172,24 @@ class Stats:
                     timer.max_s = seconds
                 # self.answered(seconds, ack, nak), inlined (a unit test holds the two together)
                 if seconds < _L_FAST_S:
-                    i = _L_FAST[int(seconds * _L_FAST_PER_S)]  # the clock is monotonic: never negative
+                    i = _L_FAST[_floor(seconds * _L_FAST_PER_S)]  # the clock is monotonic: never negative
                 else:
                     i = _L_BUCKET(_L_BOUNDS, seconds)
                 pending = self._pending
-                if ack:
-                    pending[i] += ack
-                    pending[_PENDING_ACK_SUM] += seconds * ack
-                if nak:
-                    pending[_L_NB + i] += nak
-                    pending[_PENDING_NAK_SUM] += seconds * nak
+                if resp == 1:  # lockstep: one answer, no multiplication
+                    if ack == 1:
+                        pending[i] += 1
+                        pending[_PENDING_ACK_SUM] += seconds
+                    else:
+                        pending[_L_NB + i] += 1
+                        pending[_PENDING_NAK_SUM] += seconds
+                else:
+                    if ack:
+                        pending[i] += ack
+                        pending[_PENDING_ACK_SUM] += seconds * ack
+                    if nak:
+                        pending[_L_NB + i] += nak
+                        pending[_PENDING_NAK_SUM] += seconds * nak
                 if seconds > pending[_PENDING_MAX]:
                     pending[_PENDING_MAX] = seconds
             else:
@@ -192,7 +202,7 @@ class Stats:
         of a shared int64 cell); ``flush`` moves them into the block: at every
         ``snapshot()`` of this ``Stats``, and in a worker at each heartbeat.
         """
-        i = _L_FAST[int(seconds * _L_FAST_PER_S)] if 0 <= seconds < _L_FAST_S else _L_BUCKET(_L_BOUNDS, seconds)
+        i = _L_FAST[_floor(seconds * _L_FAST_PER_S)] if 0 <= seconds < _L_FAST_S else _L_BUCKET(_L_BOUNDS, seconds)
         pending = self._pending
         if ack:
             pending[i] += ack
