@@ -16,8 +16,10 @@ setup(
         "gevent>=24.10.1,<27",
         "docopt-ng>=0.9,<1",
         "prometheus_client>=0.14,<1",
+        # -log-format json: a maintained formatter rather than a hand-written one (pythonjsonlogger.json: 3.1+).
+        "python-json-logger>=3.1,<5",
     ],
-    # Extras by use: the runtime install above stays gevent, docopt-ng and prometheus_client.
+    # Extras by use: the runtime install above stays gevent, docopt-ng, prometheus_client and python-json-logger.
     extras_require={
         "test": [
             "pytest>=8,<10",

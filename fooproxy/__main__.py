@@ -30,13 +30,28 @@ from fooproxy import cli  # noqa: E402
 from fooproxy.listeners import StartupError  # noqa: E402
 
 
-def setup_logging(level: str) -> None:
-    """Logs go to stderr only: stdout carries nothing but the SIGUSR2 stats."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Logs go to stderr only: stdout carries nothing but the SIGUSR2 stats.
+
+    ``json``: one object per line (python-json-logger) with ``ts`` (ISO 8601, UTC),
+    ``level``, ``logger``, ``pid``, ``msg`` and the record's extra fields (the
+    close line's ``peer``, ``duration_s``, ``ended``, bytes, msgs, ``latency_max_ms``).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "{levelname}{name}{process}{message}",
+                style="{",
+                rename_fields={"levelname": "level", "name": "logger", "process": "pid", "message": "msg"},
+                timestamp="ts",
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
 
 
 def raise_fd_limit() -> None:
@@ -53,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, then run a single proxy, a worker, or the master of several."""
     args = sys.argv[1:] if argv is None else argv
     config, source = cli.parse_command(args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_format)
     raise_fd_limit()
     try:
         if config.worker_id is not None:  # started by a master: -workers N

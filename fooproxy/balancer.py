@@ -313,6 +313,7 @@ class Balancer:
             self._publish_pool()
 
         connector = connector_of(upstream.address, self.config, pool_gauges)
+        connector.connect_timer = self.stats.upstream_connected  # fooproxy_upstream_connect_duration_seconds
         key_holder.append(id(connector))
         return connector
 

@@ -75,6 +75,9 @@ Options:
   --health-interval SECONDS  How often each upstream is checked (it accepts
                              connections); 0.1 to 3600 [default: {health_interval}].
   --log-level LEVEL          debug, info, warning or error [default: {log_level}].
+  --log-format FORMAT        "text", or "json": one object per line [default: {log_format}].
+  --latency STATE            "on": time every request until its answer (the latency
+                             histograms and latency_* stats fields); "off" [default: {latency}].
   --worker-id N              (internal) run as worker N of a master process.
 
 A value outside its range exits 2 naming the flag; so does a -forward address

@@ -273,7 +273,16 @@ def parse_allow(text: str, http: Address | None) -> tuple[IPNetwork, ...] | None
     return tuple(nets)
 
 
+def on_off(text: str, flag: str) -> bool:
+    """``on`` / ``off`` (any case) as a bool; anything else is a ``ConfigError`` naming ``flag``."""
+    value = str(text).strip().lower()
+    if value not in ("on", "off"):
+        raise ConfigError("%s: expected on or off, got %r" % (flag, text))
+    return value == "on"
+
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 #: Workers stamp a heartbeat every 0.5 s (worker.HEARTBEAT_INTERVAL): allow at least two.
 MIN_HEARTBEAT_TIMEOUT = 1.0
 
@@ -297,6 +306,8 @@ class Config:
     http_allow: tuple[IPNetwork, ...] | None = None
     recovery_path: str | None = ".data/recovery.json"
     log_level: str = "info"
+    #: ``text`` or ``json`` (one object per line).
+    log_format: str = "text"
     grace: float = 10.0
     linger: float = 5.0
     connect_timeout: float = 5.0
@@ -308,6 +319,8 @@ class Config:
     health_interval: float = 2.0
     workers: int = 1
     heartbeat_timeout: float = 10.0
+    #: Time every request until its answer (the latency histograms); ``-latency off`` measures nothing.
+    latency: bool = True
     #: Set in a worker process started by the master: its slot number.
     worker_id: int | None = None
 
@@ -326,6 +339,9 @@ class Config:
         level = opts["--log-level"].lower()
         if level not in LOG_LEVELS:
             raise ConfigError("-log-level: expected one of %s, got %r" % ("/".join(LOG_LEVELS), level))
+        log_format = opts["--log-format"].strip().lower()
+        if log_format not in LOG_FORMATS:
+            raise ConfigError("-log-format: expected text or json, got %r" % opts["--log-format"])
         workers_s = opts["--workers"]
         if workers_s.strip().lower() == "auto":
             workers = os.cpu_count() or 1
@@ -356,6 +372,7 @@ class Config:
             http_allow=parse_allow(opts["--http-allow"], http_address),
             recovery_path=recovery,
             log_level=level,
+            log_format=log_format,
             grace=_ranged(positive_float(opts["--grace"], "-grace", allow_zero=True), "-grace"),
             linger=_ranged(positive_float(opts["--linger"], "-linger", allow_zero=True), "-linger"),
             connect_timeout=_ranged(positive_float(opts["--connect-timeout"], "-connect-timeout"), "-connect-timeout"),
@@ -369,6 +386,7 @@ class Config:
             health_interval=_ranged(positive_float(opts["--health-interval"], "-health-interval"), "-health-interval"),
             workers=workers,
             heartbeat_timeout=_ranged(heartbeat, "-heartbeat-timeout"),
+            latency=on_off(opts["--latency"], "-latency"),
             # Three slots per worker position (supervisor.SLOTS_PER_POSITION).
             worker_id=_worker_slot(worker_id) if worker_id else None,
         )
@@ -379,7 +397,9 @@ def config_defaults() -> dict[str, str]:
     shown: dict[str, str] = {}
     for f in fields(Config):
         value = getattr(_DEFAULT, f.name)
-        if value is None:
+        if isinstance(value, bool):
+            shown[f.name] = "on" if value else "off"
+        elif value is None:
             shown[f.name] = "off"
         elif isinstance(value, tuple):
             shown[f.name] = ",".join(str(v) for v in value)

@@ -40,6 +40,7 @@ from typing import Any
 import gevent
 from gevent.socket import socket
 
+from fooproxy.latency import Timer
 from fooproxy.protocol import MessageCounter
 from fooproxy.stats import Stats
 
@@ -82,7 +83,7 @@ class Flow:
     """
 
     __slots__ = ("bus", "to_server", "recv", "send", "reader", "writer", "dst_fd", "counter",
-                 "lines", "nbytes", "chunk", "unsent", "watch_answers")  # fmt: skip
+                 "lines", "nbytes", "chunk", "unsent", "watch_answers", "timer")  # fmt: skip
 
     def __init__(self, bus: DataBus, src: socket, dst: socket, to_server: bool) -> None:
         raw_src, raw_dst = _raw(src), _raw(dst)
@@ -98,6 +99,7 @@ class Flow:
         self.chunk: bytes | None = None
         self.unsent: memoryview | None = None
         self.watch_answers = False  # set at client EOF on the server->client flow
+        self.timer: Timer | None = None  # the session's latency Timer, for Stats.record
 
     @property
     def direction(self) -> str:
@@ -134,7 +136,7 @@ class Flow:
         n = len(data)
         bus = self.bus
         counts = self.counter.feed(data)
-        bus.record(self.to_server, n, counts)
+        bus.record(self.to_server, n, counts, self.timer, data)
         req, ack, nak, invalid = counts  # the session's own count: record() returns nothing
         self.lines += req + ack + nak + invalid
         self.nbytes += n
@@ -186,7 +188,7 @@ class DataBus:
 
     __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
                  "client_eof", "upstream_eof", "ending", "last_active", "_moved", "_timers",
-                 "_on_end", "_idle_due")  # fmt: skip
+                 "_on_end", "_idle_due", "timer")  # fmt: skip
 
     def __init__(
         self,
@@ -197,7 +199,8 @@ class DataBus:
         linger: float = 5.0,
         idle_timeout: float = 0.0,
         keep_upstream: bool = False,
-        record: Callable[[bool, int, tuple[int, int, int, int]], None] | None = None,
+        record: Callable[..., None] | None = None,
+        latency: bool = True,
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -215,6 +218,10 @@ class DataBus:
         self._timers: list = []
         self._on_end: Callable[[DataBus], None] | None = None
         self._idle_due: Any = None  # the one-shot timer of an idle end due before the next tick
+        #: Times each REQ until its answer (``latency.py``); None with ``-latency off``.
+        self.timer: Timer | None = None
+        if latency:
+            self.timer = self.c2s_flow.timer = self.s2c_flow.timer = Timer(stats)
 
     # -- state ----------------------------------------------------------------
     c2s = property(lambda self: self.c2s_flow.counter, doc="The client->server line counter.")
@@ -355,6 +362,8 @@ class DataBus:
         if self._idle_due is not None:
             self._idle_due.close()
             self._idle_due = None
+        if self.timer is not None:
+            self.timer.close()  # REQs still owed count as unanswered
         try:
             on_end(self)
         except Exception:  # a bug in the owner must not leave the hub's callback loop broken

@@ -8,11 +8,23 @@ on traffic: one snapshot, a fixed number of families.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+import gevent
+from prometheus_client import ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
+from fooproxy import __version__
+from fooproxy.latency import BOUNDS
 from fooproxy.stats import Snapshot
 from fooproxy.timetable import WINDOWS
 
@@ -23,6 +35,22 @@ GetExtra = Callable[[], Mapping[str, float]]
 _MESSAGE_TYPES = (("req", "msg_req"), ("ack", "msg_ack"), ("nak", "msg_nak"), ("invalid", "msg_invalid"))
 _DIRECTIONS = (("client_to_server", "bytes_client_to_server"), ("server_to_client", "bytes_server_to_client"))
 _WINDOW_LABELS = tuple("%gs" % w for w in WINDOWS)  # ("1s", "10s")
+_LE = (*(floatToGoString(b) for b in BOUNDS), "+Inf")
+#: HELP of the gauges ``get_extra`` gives (``Health.gauges``).
+EXTRA_HELP = {
+    "draining": "1 while the proxy drains (SIGTERM/SIGINT: no new clients), else 0.",
+    "upstream_up": "1 if the last periodic check could connect to the upstream server, else 0.",
+    "persistence_ok": "1 if the last save of the recovery file succeeded, else 0.",
+}
+_BUILD = {"version": __version__, "python": platform.python_version(), "gevent": gevent.__version__}
+
+
+def _histogram(family: HistogramMetricFamily, labels: list[str], counts: list[int], sum_ns: int) -> None:
+    cum, buckets = 0, []
+    for le, n in zip(_LE, counts, strict=True):
+        cum += n
+        buckets.append((le, cum))
+    family.add_metric(labels, buckets, sum_ns / 1e9)
 
 
 class StatsCollector(Collector):
@@ -90,12 +118,31 @@ class StatsCollector(Collector):
         yield GaugeMetricFamily(
             "fooproxy_pool_open_connections", "Pooled upstream connections open now.", value=t.get("pool_open", 0)
         )
-        yield GaugeMetricFamily("fooproxy_uptime_seconds", "Seconds since the proxy started.", value=snap.uptime_s)
+        lat = snap.latency
+        requests = HistogramMetricFamily(
+            "fooproxy_request_duration_seconds",
+            "Time from a REQ's passing to the server until its answer passed to the client, by answer.",
+            labels=["result"],
+        )
+        _histogram(requests, ["ack"], lat.ack, lat.ack_sum_ns)
+        _histogram(requests, ["nak"], lat.nak, lat.nak_sum_ns)
+        yield requests
+        yield CounterMetricFamily(
+            "fooproxy_requests_unanswered",
+            "REQs still owed an answer when their session ended (not in the duration histogram).",
+            value=lat.unanswered,
+        )
+        connects = HistogramMetricFamily(
+            "fooproxy_upstream_connect_duration_seconds", "Time taken by successful upstream connects."
+        )
+        _histogram(connects, [], lat.connect, lat.connect_sum_ns)
+        yield connects
+        yield InfoMetricFamily("fooproxy_build", "The running fooproxy's version and runtime.", value=_BUILD)
         rows = snap.shown_upstreams()
         if rows:
             yield from _upstream_families(rows)
         for name in sorted(extra):
-            yield GaugeMetricFamily("fooproxy_" + name, "fooproxy %s." % name.replace("_", " "), value=extra[name])
+            yield GaugeMetricFamily("fooproxy_" + name, EXTRA_HELP[name], value=extra[name])
 
 
 def _upstream_families(rows: Mapping[str, Mapping[str, int | bool]]) -> Iterator[Metric]:
@@ -119,7 +166,9 @@ def _upstream_families(rows: Mapping[str, Mapping[str, int | bool]]) -> Iterator
 
 
 def make_registry(get_snapshot: GetSnapshot, get_extra: GetExtra | None = None) -> CollectorRegistry:
-    """A private registry holding only a ``StatsCollector`` (no process/GC defaults)."""
+    """A private registry: a ``StatsCollector`` and the process collector of this process
+    (the master with ``-workers``: ``process_start_time_seconds`` is when the proxy started)."""
     registry = CollectorRegistry()
     registry.register(StatsCollector(get_snapshot, get_extra))
+    ProcessCollector(registry=registry)
     return registry

@@ -152,6 +152,47 @@ def count_lines(buf: bytes | bytearray, start: int, end: int) -> Counts:
     return Counts(req, ack, nak, lines - req - ack - nak)
 
 
+def answer_types(chunk: bytes, ack: int, nak: int) -> list[bytes]:
+    """The ACK/NAK types of the ``ack + nak`` answer lines a chunk finished, in order.
+
+    For the rare reply chunk that answers several owed chunks with both types.
+    Lines the regular expression cannot type (a line begun in an earlier chunk,
+    a Seq of 19+ digits) are the ones missing from its scan: they are put first
+    (the line begun earlier is the first one; the others are rare enough).
+    """
+    types = [t for t in _LINE_RE.findall(chunk) if t != REQ]
+    missing_ack, missing_nak = ack - types.count(ACK), nak - types.count(NAK)
+    if missing_ack > 0 or missing_nak > 0:
+        types = [ACK] * max(missing_ack, 0) + [NAK] * max(missing_nak, 0) + types
+    return types[-(ack + nak) :] if ack + nak else []
+
+
+def request_runs(chunk: bytes, req: int) -> list[tuple[int, int]]:
+    """The complete lines of a client->server chunk with ``req`` REQs among them, as runs in order:
+    ``(reqs, 0)`` or ``(0, others)``. For the rare chunk that also carries lines the
+    server answers without being a REQ (invalid ones, a client's ACK/NAK): Python per line.
+
+    The first line may have begun in an earlier chunk: its kind is what the count
+    says the lines after it do not account for.
+    """
+    first = chunk.find(b"\n")
+    last = chunk.rfind(b"\n")
+    if first < 0:
+        return []
+    kinds = []
+    for line in chunk[first + 1 : last + 1].split(b"\n")[:-1]:
+        msg = parse_line(line)
+        kinds.append(msg is not None and msg.type == REQ)
+    kinds.insert(0, req > kinds.count(True))
+    runs: list[list[int]] = []
+    for is_req in kinds:
+        if runs and bool(runs[-1][0]) == is_req:
+            runs[-1][0 if is_req else 1] += 1
+        else:
+            runs.append([1, 0] if is_req else [0, 1])
+    return [(r, o) for r, o in runs]
+
+
 class MessageCounter:
     """Incremental per-direction line counter for a stream of arbitrary chunks.
 

@@ -177,6 +177,7 @@ class Proxy(StreamServer):
                 idle_timeout=config.idle_timeout,
                 keep_upstream=connector.reuses,
                 record=connector.recorder(upstream),
+                latency=config.latency,
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             connector.release(upstream, False)
@@ -264,8 +265,10 @@ def _peer(address: tuple) -> str:
 
 def _log_close(peer: str, how: str, duration: float, bus: DataBus | None) -> None:
     if bus is None:
-        log.info("%s: closed (%s) after %.3fs", peer, how, duration)
+        log.info("%s: closed (%s) after %.3fs", peer, how, duration, extra={"peer": peer, "ended": how,
+                 "duration_s": round(duration, 6)})  # fmt: skip
         return
+    timer = bus.timer
     log.info(
         "%s: closed (%s) after %.3fs: client->server %d bytes %d msgs, server->client %d bytes %d msgs",
         peer,
@@ -275,4 +278,14 @@ def _log_close(peer: str, how: str, duration: float, bus: DataBus | None) -> Non
         bus.lines_c2s,
         bus.bytes_s2c,
         bus.lines_s2c,
+        extra={  # the same facts as fields, for -log-format json (text shows only the message)
+            "peer": peer,
+            "duration_s": round(duration, 6),
+            "ended": how,
+            "bytes_c2s": bus.bytes_c2s,
+            "bytes_s2c": bus.bytes_s2c,
+            "msgs_c2s": bus.lines_c2s,
+            "msgs_s2c": bus.lines_s2c,
+            "latency_max_ms": round(timer.max_s * 1e3, 3) if timer is not None else None,
+        },
     )

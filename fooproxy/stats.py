@@ -18,6 +18,7 @@ workers' counts where a restarted master finds them (``open_saved``).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import stat
@@ -26,8 +27,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from fooproxy import timetable
+from fooproxy import latency, timetable
 from fooproxy.config import MAX_ADDRESS_BYTES, MAX_UPSTREAMS
+from fooproxy.latency import Latency, Timer
 from fooproxy.timetable import Clock, TimeTable
 
 #: Counter cells, in block order. Append only: the order is the shared layout.
@@ -63,7 +65,9 @@ UPSTREAM_CELLS = _ADDRESS_CELLS + 8  # room for 4 more fields without a layout c
 #: The ``up`` cell: in rotation, out of it, or no longer configured (kept while its sessions run).
 UP, DOWN, REMOVED = 1, 0, -1
 _UPSTREAMS_AT = _HEADER + timetable.CELLS
-BLOCK_CELLS = _UPSTREAMS_AT + UPSTREAM_ENTRIES * UPSTREAM_CELLS
+#: The latency section (``latency.py`` owns its layout): appended after the upstreams.
+_LATENCY = _UPSTREAMS_AT + UPSTREAM_ENTRIES * UPSTREAM_CELLS
+BLOCK_CELLS = _LATENCY + latency.CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
 _UP_FIELD = {name: _ADDRESS_CELLS + i for i, name in enumerate(UPSTREAM_FIELDS)}
 
@@ -77,6 +81,21 @@ _REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR, _INTERNAL = (
 )  # fmt: skip
 # The time table's geometry, for the inlined write in Stats.record.
 _TICKS, _SLOTS, _STRIDE = timetable.TICKS_PER_S, timetable.SLOTS, timetable.STRIDE
+# The latency section's cells, for Stats.answered.
+_L_ACK, _L_NAK = _LATENCY + latency.ACK_BUCKETS, _LATENCY + latency.NAK_BUCKETS
+_L_ACK_SUM, _L_NAK_SUM = _LATENCY + latency.ACK_SUM_NS, _LATENCY + latency.NAK_SUM_NS
+_L_UNANSWERED = _LATENCY + latency.UNANSWERED
+_L_CONNECT, _L_CONNECT_SUM = _LATENCY + latency.CONNECT_BUCKETS, _LATENCY + latency.CONNECT_SUM_NS
+_L_RING, _L_WSTRIDE, _L_WSLOTS = _LATENCY + latency.RING, latency.WSTRIDE, latency.WINDOW_S
+_L_BOUNDS, _L_BUCKET = latency.BOUNDS, latency.bucket_of
+_L_FAST, _L_FAST_PER_S, _L_FAST_S = latency.FAST, latency.FAST_PER_S, latency.FAST_S
+_floor = math.floor  # a METH_O call: cheaper than int(float), which goes through type_call
+_L_BEHIND = latency.MAX_ENTRIES - 1  # FIFO entries behind the timer's head
+_L_EMPTY_SLOT = memoryview(bytearray(latency.WSTRIDE * 8)).cast("q")
+_L_NB = latency.NB
+# Stats._pending: ACK buckets, NAK buckets, then the two sums and the max (float seconds; ns in the block).
+_PENDING_ACK_SUM, _PENDING_NAK_SUM, _PENDING_MAX = 2 * _L_NB, 2 * _L_NB + 1, 2 * _L_NB + 2
+_PENDING_CELLS = 2 * _L_NB + 3
 
 
 def new_block() -> memoryview:
@@ -93,12 +112,26 @@ class Stats:
         self.clock = clock
         self.started = clock()
         self.table = TimeTable(self.block[_HEADER:], clock)
+        #: Latency counts not yet in the block (``answered``, ``flush``): ACK buckets, NAK buckets, sums, max.
+        self._pending = [0] * _PENDING_CELLS
+        self._pending_sec = int(self.started)  # the second they were counted in
 
     # -- hot path ---------------------------------------------------------
-    def record(self, to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> None:
+    def record(
+        self,
+        to_server: bool,
+        nbytes: int,
+        counts: tuple[int, int, int, int],
+        timer: Timer | None = None,
+        data: bytes = b"",
+    ) -> None:
         """Account one forwarded chunk and the ``(req, ack, nak, invalid)`` lines it completed.
 
         It only records: the session keeps its own line counts (metrics never steer sessions).
+        With the session's latency ``timer`` (``latency.Timer``, which only metrics read),
+        a chunk's REQs are remembered and its answers timed, with the one clock
+        reading the time table takes; lockstep's one owed chunk is the timer's
+        ``head``, without the FIFO (``data`` is only read on the timer's rare paths).
 
         Called once per chunk in each direction: kept to a few cell updates, with
         the time table's write inlined: ``TimeTable.restore`` of one
@@ -119,18 +152,126 @@ class Stats:
             if nak:
                 c[_NAK] += nak
         elif not req:
+            if inv and to_server and timer is not None:
+                timer.sent(counts, data, self.clock())  # answered, so it holds its place
             return  # no request and no response: nothing for the time table
-        b = int(self.clock() * _TICKS)  # timetable.bucket_of, inlined
+        now = self.clock()
+        b = int(now * _TICKS)  # timetable.bucket_of, inlined
         i = _HEADER + (b % _SLOTS) * _STRIDE
         if c[i] != b:
             c[i] = b
             c[i + 1] = req
             c[i + 2] = resp
+            if b // _TICKS != self._pending_sec:  # a new second: the pending latencies belong to the last
+                self.flush()
+                self._pending_sec = b // _TICKS
         else:
             if req:
                 c[i + 1] += req
             if resp:
                 c[i + 2] += resp
+        if timer is None:
+            return
+        if to_server:
+            if inv != 0 or resp != 0:
+                timer.sent(counts, data, now)  # lines answered but not timed: in line order
+            elif timer.head_r == 0 and timer.head_o == 0:  # nothing owed: this chunk's REQs are the head
+                timer.head_t = now
+                timer.head_r = req
+            elif len(timer.fifo) < _L_BEHIND:
+                timer.fifo.append((now, req, 0))
+            else:
+                timer.sent(counts, data, now)  # too much owed: coalesced
+        elif resp != 0:
+            owed = timer.head_r
+            if resp <= owed and timer.head_o == 0:  # all of them answer the head: one latency
+                seconds = now - timer.head_t
+                timer.head_r = owed - resp
+                if resp == owed and timer.fifo:
+                    timer.next()
+                if seconds > timer.max_s:
+                    timer.max_s = seconds
+                # self.answered(seconds, ack, nak), inlined (a unit test holds the two together)
+                if seconds < _L_FAST_S:
+                    i = _L_FAST[_floor(seconds * _L_FAST_PER_S)]  # the clock is monotonic: never negative
+                else:
+                    i = _L_BUCKET(_L_BOUNDS, seconds)
+                pending = self._pending
+                if resp == 1:  # lockstep: one answer, no multiplication
+                    if ack == 1:
+                        pending[i] += 1
+                        pending[_PENDING_ACK_SUM] += seconds
+                    else:
+                        pending[_L_NB + i] += 1
+                        pending[_PENDING_NAK_SUM] += seconds
+                else:
+                    if ack:
+                        pending[i] += ack
+                        pending[_PENDING_ACK_SUM] += seconds * ack
+                    if nak:
+                        pending[_L_NB + i] += nak
+                        pending[_PENDING_NAK_SUM] += seconds * nak
+                if seconds > pending[_PENDING_MAX]:
+                    pending[_PENDING_MAX] = seconds
+            else:
+                timer.answered(counts, data, now)
+
+    def answered(self, seconds: float, ack: int, nak: int) -> None:
+        """``ack`` + ``nak`` answers, each ``seconds`` after its request.
+
+        Counted in this process's pending lists (a list cell costs a fraction
+        of a shared int64 cell); ``flush`` moves them into the block: at every
+        ``snapshot()`` of this ``Stats``, and in a worker at each heartbeat.
+        """
+        i = _L_FAST[_floor(seconds * _L_FAST_PER_S)] if 0 <= seconds < _L_FAST_S else _L_BUCKET(_L_BOUNDS, seconds)
+        pending = self._pending
+        if ack:
+            pending[i] += ack
+            pending[_PENDING_ACK_SUM] += seconds * ack
+        if nak:
+            pending[_L_NB + i] += nak
+            pending[_PENDING_NAK_SUM] += seconds * nak
+        if seconds > pending[_PENDING_MAX]:
+            pending[_PENDING_MAX] = seconds
+
+    def flush(self) -> None:
+        """Move the pending latency counts into the block: totals, and the window slot of their second.
+
+        They all belong to ``_pending_sec``: ``record`` flushes at the first chunk of each new
+        second, before it counts anything in it.
+        """
+        pending = self._pending
+        if not any(pending):
+            return
+        self._pending = [0] * _PENDING_CELLS
+        c = self.block
+        tag = self._pending_sec + 1
+        w = _L_RING + (tag % _L_WSLOTS) * _L_WSTRIDE
+        if c[w] != tag:  # a second not seen yet: the slot's old histogram is out of the window
+            c[w : w + _L_WSTRIDE] = _L_EMPTY_SLOT
+            c[w] = tag
+        for i in range(_L_NB):
+            ack, nak = pending[i], pending[_L_NB + i]
+            if ack or nak:
+                c[_L_ACK + i] += ack
+                c[_L_NAK + i] += nak
+                c[w + 1 + i] += ack + nak
+        c[_L_ACK_SUM] += round(pending[_PENDING_ACK_SUM] * 1e9)
+        c[_L_NAK_SUM] += round(pending[_PENDING_NAK_SUM] * 1e9)
+        top = w + _L_WSTRIDE - 1
+        longest = round(pending[_PENDING_MAX] * 1e9)
+        if longest > c[top]:
+            c[top] = longest
+
+    def unanswered(self, requests: int) -> None:
+        """A session ended owing answers to ``requests`` REQs."""
+        self.block[_L_UNANSWERED] += requests
+
+    def upstream_connected(self, seconds: float) -> None:
+        """One upstream connect took ``seconds``."""
+        c = self.block
+        c[_L_CONNECT + _L_BUCKET(_L_BOUNDS, seconds)] += 1
+        c[_L_CONNECT_SUM] += int(seconds * 1e9)
 
     def connection_opened(self) -> None:
         self.block[_ACTIVE] += 1
@@ -190,24 +331,31 @@ class Stats:
         if entry >= 0:
             self.block[_entry_at(entry) + _UP_FIELD[name]] += value
 
-    def recorder(self, entry: int) -> Callable[[bool, int, tuple[int, int, int, int]], None]:
+    def recorder(self, entry: int) -> Callable[..., None]:
         """``record`` that also counts the messages of one upstream's sessions (its ``messages`` cell)."""
         record = self.record
         if entry < 0:
             return record
         block, cell = self.block, _entry_at(entry) + _UP_FIELD["messages"]
 
-        def record_upstream(to_server: bool, nbytes: int, counts: tuple[int, int, int, int]) -> None:
+        def record_upstream(
+            to_server: bool,
+            nbytes: int,
+            counts: tuple[int, int, int, int],
+            timer: Timer | None = None,
+            data: bytes = b"",
+        ) -> None:
             n = counts[0] + counts[1] + counts[2]
             if n:
                 block[cell] += n
-            record(to_server, nbytes, counts)
+            record(to_server, nbytes, counts, timer, data)
 
         return record_upstream
 
     # -- reading ----------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        """Totals and window counts as of now."""
+        """Totals and window counts as of now (pending latency counts flushed first)."""
+        self.flush()
         return Snapshot.from_blocks([self.block], self.clock(), self.started)
 
     def restore(self, snap: Snapshot, now: float | None = None) -> None:
@@ -230,6 +378,8 @@ class Snapshot:
     buckets: list[tuple[int, int, int]] = field(default_factory=list)
     #: Per upstream address: the ``UPSTREAM_FIELDS`` merged over the blocks (``up``: the highest).
     upstreams: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: The latency histograms (not in the recovery file: they start at zero).
+    latency: Latency = field(default_factory=Latency)
 
     @classmethod
     def from_blocks(cls, blocks: Iterable[memoryview], now: float, started: float) -> Snapshot:
@@ -246,6 +396,7 @@ class Snapshot:
             uptime_s=max(0.0, now - started),
             buckets=buckets,
             upstreams=upstreams,
+            latency=Latency.from_sections((b[_LATENCY:] for b in blocks), now),
         )
 
     def __add__(self, other: Snapshot) -> Snapshot:
@@ -255,6 +406,7 @@ class Snapshot:
             uptime_s=max(self.uptime_s, other.uptime_s),
             buckets=timetable.merge_buckets(self.buckets, other.buckets),
             upstreams=_merge_upstreams(_merge_upstreams({}, self.upstreams), other.upstreams),
+            latency=self.latency + other.latency,
         )
 
     def shown_upstreams(self) -> dict[str, dict[str, int | bool]]:
@@ -291,7 +443,8 @@ class Snapshot:
         for name in COUNTERS[3:]:
             out[name] = t.get(name, 0)
         out["uptime_s"] = round(self.uptime_s, 3)
-        if self.upstreams:
+        out.update(self.latency.fields())
+        if self.upstreams:  # the one nested field, last
             out["upstreams"] = self.shown_upstreams()  # type: ignore[assignment]
         return out
 

@@ -69,6 +69,8 @@ class Connector:
     connects_from_hub = True
     #: Whether released connections may be kept (sessions then keep the upstream open).
     reuses = False
+    #: Told the seconds of each successful connect (the connect histogram); it only records.
+    connect_timer: Callable[[float], None] | None = None
 
     def __init__(self, address: Address, connect_timeout: float) -> None:
         self.address = address
@@ -92,15 +94,25 @@ class Connector:
 
     def acquire(self) -> socket.socket:
         """A connected upstream socket, or ``UpstreamError`` saying why not (blocks this greenlet)."""
+        started = time.monotonic()
         try:
-            return connect_first(self.targets(), self.connect_timeout)
+            sock = connect_first(self.targets(), self.connect_timeout)
         except OSError as exc:
             raise self.failure(exc) from None
+        if self.connect_timer is not None:
+            self.connect_timer(time.monotonic() - started)
+        return sock
 
     def connect_from_hub(self, done: Callable[[socket.socket | None, UpstreamError | None], None]) -> HubConnect:
         """Start a connect from the hub: ``done(sock, None)``, ``done(None, error)``, or ``done(None, None)``
         if cancelled."""
-        report = lambda sock, exc: done(sock, exc and self.failure(exc))  # noqa: E731
+        started, timer = time.monotonic(), self.connect_timer
+
+        def report(sock: socket.socket | None, exc: OSError | None) -> None:
+            if sock is not None and timer is not None:
+                timer(time.monotonic() - started)
+            done(sock, exc and self.failure(exc))
+
         if self._targets is None:  # never resolved: the HubConnect resolves first, in a greenlet
             return HubConnect(None, self.connect_timeout, report, resolve=self.targets)
         return HubConnect(self._targets, self.connect_timeout, report)

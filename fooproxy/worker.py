@@ -138,6 +138,7 @@ class Worker:
         if self.proxy is not None:
             self.proxy.drain(self.config.grace)
         self.connector.close()
+        self.stats.flush()  # the last sessions' latencies, for the master's last reading
 
     def exit_now(self, *_signal_args) -> None:
         """SIGQUIT from the master (it got a second stop signal): exit without draining."""
@@ -149,6 +150,7 @@ class Worker:
         """Stamp the heartbeat; stop when the master is gone."""
         while True:
             gevent.sleep(HEARTBEAT_INTERVAL)
+            self.stats.flush()  # the latency counts the master reads
             self.table.beat(self.slot, time.monotonic_ns())
             if os.getppid() != self.master_pid and not self.services.draining:
                 log.warning("worker %d: master (pid %d) is gone; stopping", self.slot, self.master_pid)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ import pytest
 from harness import tasks
 from harness.processes import Process, free_port
 from harness.prometheus import RULES, SAMPLE_CONFIG, Api, command, find_prometheus, scrape_config
+from tests.helpers import connect, recv_lines
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -77,3 +81,72 @@ def test_prometheus_sums_two_instances_exactly(procs, peers, prometheus_bin: str
     for field in ("request_rate_1s", "request_rate_10s", "response_rate_1s", "response_rate_10s"):
         assert api.scalar('job:fooproxy_%s:sum{job="fooproxy"}' % field) is not None, field
     assert api.scalar('job:fooproxy_instances_up:count{job="fooproxy"}') == 2
+
+
+def test_fleet_latency_p50_from_prometheus_is_the_servers_delay(procs, prometheus_bin: str, tmp_path: Path) -> None:
+    """Two instances (one with workers) before a server that answers after 5 ms: the fleet's p50 is 5 ms."""
+    port = free_port()
+    server = Process(
+        [sys.executable, "-m", "tests.latency_server", str(port)],
+        name="delay-server",
+        log_dir=tmp_path,
+        cwd=str(Path(__file__).resolve().parents[2]),
+        ready_port=("127.0.0.1", port),
+        ready_timeout=30,
+    )
+    procs.add(server)
+    server.start()
+    http_a, http_b = ("127.0.0.1:%d" % free_port() for _ in range(2))
+    a = procs.proxy("127.0.0.1:%d" % port, "-workers", "2", http=http_a, ready_timeout=60)
+    b = procs.proxy("127.0.0.1:%d" % port, http=http_b)
+    a.wait_for_output(tasks.PROXY_READY, 60, "stderr")
+
+    web = "127.0.0.1:%d" % free_port()
+    config = tmp_path / "prometheus.yml"
+    shutil.copy(RULES, tmp_path / RULES.name)
+    config.write_text(scrape_config([http_a, http_b], [RULES.name]))
+    prom = Process(
+        command(prometheus_bin, str(config), str(tmp_path / "data"), web),
+        name="prometheus",
+        log_dir=tmp_path,
+        ready_port=tuple(tasks.split_address(web)),
+        ready_timeout=60,
+    )
+    procs.add(prom)
+    prom.start()
+    api = Api("http://" + web)
+    api.wait_ready(prom)
+    api.wait_value('count(up{job="fooproxy"} == 1)', 2)
+
+    clients, exchanges = 4, 25
+    errors: list[BaseException] = []
+
+    def client(address: str) -> None:
+        try:
+            c = connect(address)
+            for i in range(exchanges):
+                c.sendall(b"REQ %d d5\n" % i)
+                assert recv_lines(c, 1) == [b"ACK %d\n" % i]
+            c.close()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(p.address,)) for p in (a, b) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    total = 2 * clients * exchanges
+    api.wait_value("sum(fooproxy_request_duration_seconds_count)", total)
+    p50 = api.scalar("histogram_quantile(0.5, sum by (le) (fooproxy_request_duration_seconds_bucket))")
+    # 5 ms is a bucket bound: the answers (5 ms and a little) are in (5, 6.3] ms; one bucket either side.
+    assert p50 is not None and 0.004 <= p50 <= 0.008, p50
+    deadline = time.monotonic() + 30
+    rule = None
+    while rule is None and time.monotonic() < deadline:  # the rule's first evaluation over the new scrapes
+        rule = api.scalar('job:fooproxy_request_duration_seconds:p50_rate1m{job="fooproxy"}')
+        if rule is None or rule != rule:  # no result yet, or NaN before two scrapes of the rise
+            rule = None
+            time.sleep(0.5)
+    assert rule is not None and 0.004 <= rule <= 0.008, rule

@@ -81,6 +81,9 @@ def feed(stats: Stats, clock: FakeClock) -> None:
     stats.record(True, 50, Counts(req=10))  # both windows
     stats.record(False, 300, Counts(ack=25, nak=5))
     stats.record(True, 7, Counts(invalid=3))
+    stats.answered(0.0052, 20, 0)  # in (5 ms, 6.3 ms]
+    stats.answered(0.0520, 0, 5)  # in (50 ms, 63 ms]
+    stats.upstream_connected(0.0003)
     clock.t = 1009.9
 
 
@@ -155,10 +158,23 @@ def test_metrics_values(srv):
     assert v[("fooproxy_upstream_errors_total", ())] == 1
     assert v[("fooproxy_pool_idle_connections", ())] == 2
     assert v[("fooproxy_pool_open_connections", ())] == 5
-    assert v[("fooproxy_uptime_seconds", ())] == pytest.approx(9.9)
     assert v[("fooproxy_upstream_up", ())] == 1.0
-    # Nothing but ours: a private registry, no process/GC collectors.
-    assert all(name.startswith("fooproxy_") for name, _ in v)
+    ack, nak = (("result", "ack"),), (("result", "nak"),)
+    assert v[("fooproxy_request_duration_seconds_bucket", (("le", "0.005"), *ack))] == 0
+    assert v[("fooproxy_request_duration_seconds_bucket", (("le", "0.0063"), *ack))] == 20
+    assert v[("fooproxy_request_duration_seconds_bucket", (("le", "+Inf"), *ack))] == 20
+    assert v[("fooproxy_request_duration_seconds_count", ack)] == 20
+    assert v[("fooproxy_request_duration_seconds_sum", ack)] == pytest.approx(20 * 0.0052)
+    assert v[("fooproxy_request_duration_seconds_bucket", (("le", "0.05"), *nak))] == 0
+    assert v[("fooproxy_request_duration_seconds_bucket", (("le", "0.063"), *nak))] == 5
+    assert v[("fooproxy_upstream_connect_duration_seconds_count", ())] == 1
+    assert v[("fooproxy_requests_unanswered_total", ())] == 0
+    assert ("fooproxy_uptime_seconds", ()) not in v  # process_start_time_seconds instead
+    assert v[("process_start_time_seconds", ())] > 0
+    build = [labels for name, labels in v if name == "fooproxy_build_info"]
+    assert len(build) == 1 and {k for k, _ in build[0]} == {"version", "python", "gevent"}
+    # Ours and the process collector's: a private registry, no GC/platform defaults.
+    assert all(name.startswith(("fooproxy_", "process_")) for name, _ in v)
 
 
 def test_metrics_openmetrics_on_request(srv):
@@ -183,7 +199,11 @@ def test_head_gives_headers_only(srv, path):
     _, get_headers, get_body = srv.fetch(path)
     status, headers, body = srv.fetch(path, method="HEAD")
     assert status == 200 and body == b""
-    assert headers["Content-Length"] == get_headers["Content-Length"] == str(len(get_body))
+    assert get_headers["Content-Length"] == str(len(get_body))
+    if path == "/metrics":  # process_* (CPU seconds, memory) move between two requests: only the form is fixed
+        assert int(headers["Content-Length"]) > 0
+    else:
+        assert headers["Content-Length"] == get_headers["Content-Length"]
     assert headers["Content-Type"] == get_headers["Content-Type"]
 
 

@@ -28,10 +28,10 @@ class BuggyStats(Stats):
 
     broken = True
 
-    def record(self, to_server, nbytes, counts) -> None:
+    def record(self, to_server, nbytes, counts, *timing) -> None:
         if self.broken and any(counts):
             raise RuntimeError("planted bug")
-        super().record(to_server, nbytes, counts)
+        super().record(to_server, nbytes, counts, *timing)
 
 
 def fetch(port: int, path: str) -> tuple[int, bytes]:

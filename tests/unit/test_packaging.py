@@ -1,5 +1,5 @@
 """The packaging promises stay in step: tox's gevent-min/max pins are the ends of the range
-setup.py admits, and the runtime requirements are only gevent, docopt-ng and prometheus_client.
+setup.py admits, and the runtime requirements are only gevent, docopt-ng, prometheus_client and python-json-logger.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def _tox_deps() -> dict[str, str]:
     return deps
 
 
-def test_runtime_requirements_are_only_the_three_chosen_libraries() -> None:
-    assert {r.name for r in _install_requires()} == {"gevent", "docopt-ng", "prometheus_client"}
+def test_runtime_requirements_are_only_the_four_chosen_libraries() -> None:
+    assert {r.name for r in _install_requires()} == {"gevent", "docopt-ng", "prometheus_client", "python-json-logger"}
     assert all(r.specifier for r in _install_requires()), "every runtime requirement has a pinned range"
 
 
