@@ -194,7 +194,9 @@ def test_sighup_burst_coalesces_and_never_overlaps(procs, tmp_path, workers):
         assert all("nothing changed" in x for x in lines[1:]), lines
         assert "nothing changed" in line
     else:  # never two reloads at once: never more than one generation beside the running one
-        assert len(children(proxy.pid)) == int(workers)
+        assert len(children(proxy.pid)) <= 2 * int(workers)
+        # The last reload's old generation exits once drained; the master reaps it just after.
+        assert running.poll(lambda: len(children(proxy.pid)) == int(workers), timeout=10), children(proxy.pid)
     assert "reload failed" not in proxy.stderr_text()
     assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
 
