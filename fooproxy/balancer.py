@@ -26,7 +26,7 @@ A session stays on its upstream: the connection it got is recorded with its
 ``Lease`` (the upstream and the connector it came from) until the session
 releases it. The Balancer writes each upstream's entry of the stats block
 (``up``, ``sessions_active``, ``sessions_total``; ``messages`` are counted by
-the session's ``record``, see ``Stats.recorder``): one writer per block.
+the session's ``record``, see ``Stats.messages_cell``): one writer per block.
 
 ``update(config)`` is a reload: upstreams that stay keep their state and
 sessions, new ones join, removed ones leave the rotation (their sessions
@@ -83,8 +83,8 @@ class Upstream:
         self.removed = False
         stats = balancer.stats
         self.entry = stats.upstream_entry(self.name)
-        #: What this upstream's sessions record their chunks with (messages per upstream too).
-        self.record = stats.recorder(self.entry)
+        #: Where this upstream's sessions count their messages (``Stats.record``'s ``messages_cell``).
+        self.messages_cell = stats.messages_cell(self.entry)
 
     # -- state ----------------------------------------------------------------
     @property
@@ -233,10 +233,10 @@ class Balancer:
         """Like ``acquire`` on watchers, from the accept callback (see ``FailoverConnect``)."""
         return FailoverConnect(self, done)
 
-    def recorder(self, sock: socket) -> Callable | None:
-        """How the session on ``sock`` records its chunks (its upstream's ``messages`` too)."""
+    def messages_cell(self, sock: socket) -> int:
+        """Where the session on ``sock`` counts its upstream's messages (``Stats.record``)."""
         lease = self._leases.get(sock)
-        return lease.upstream.record if lease is not None else None
+        return lease.upstream.messages_cell if lease is not None else 0
 
     def release(self, sock: socket, reusable: bool) -> None:
         """The session on ``sock`` ended: back to the connector it came from."""

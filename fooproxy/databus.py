@@ -136,7 +136,7 @@ class Flow:
         n = len(data)
         bus = self.bus
         counts = self.counter.feed(data)
-        bus.record(self.to_server, n, counts, self.timer, data)
+        bus.record(self.to_server, n, counts, self.timer, data, bus.messages_cell)
         req, ack, nak, invalid = counts  # the session's own count: record() returns nothing
         self.lines += req + ack + nak + invalid
         self.nbytes += n
@@ -188,7 +188,7 @@ class DataBus:
 
     __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
                  "client_eof", "upstream_eof", "ending", "last_active", "_moved", "_timers",
-                 "_on_end", "_idle_due", "timer")  # fmt: skip
+                 "_on_end", "_idle_due", "timer", "messages_cell")  # fmt: skip
 
     def __init__(
         self,
@@ -199,12 +199,13 @@ class DataBus:
         linger: float = 5.0,
         idle_timeout: float = 0.0,
         keep_upstream: bool = False,
-        record: Callable[..., None] | None = None,
+        messages_cell: int = 0,
         latency: bool = True,
     ) -> None:
         self.client = client
         self.upstream = upstream
-        self.record = record or stats.record  # ``record``: the upstream's (counts its messages too)
+        self.record = stats.record
+        self.messages_cell = messages_cell  # the upstream's messages cell (Stats.messages_cell), or 0
         self.linger = linger
         self.idle_timeout = idle_timeout
         self.keep_upstream = keep_upstream

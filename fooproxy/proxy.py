@@ -176,7 +176,7 @@ class Proxy(StreamServer):
                 linger=config.linger,
                 idle_timeout=config.idle_timeout,
                 keep_upstream=connector.reuses,
-                record=connector.recorder(upstream),
+                messages_cell=connector.messages_cell(upstream),
                 latency=config.latency,
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)

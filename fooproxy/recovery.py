@@ -484,6 +484,13 @@ class Saver:
         self._lock = gevent.lock.Semaphore()
         self._stop = gevent.event.Event()
         self._greenlet: gevent.Greenlet | None = None
+        # For ``durable``: snapshots taken for a save so far (numbered from 1), the number
+        # of the newest one that is in the file, the number an exposure waits for, and
+        # the greenlet saving for exposures (one at a time; they share its writes).
+        self._taken = 0
+        self._done = 0
+        self._wanted = 0
+        self._for_exposures: gevent.Greenlet | None = None
 
     def start(self) -> None:
         """Spawn the periodic save loop (first save after one interval).
@@ -509,10 +516,40 @@ class Saver:
         while not self._stop.wait(self.interval):
             self.save_now()
 
+    def durable(self, timeout: float = 1.0) -> bool:
+        """Block this greenlet until the file holds a snapshot taken after this call began.
+
+        For the exposures (SIGUSR2, ``/stats``, ``/metrics``): each takes the snapshot it
+        shows first, then calls this, so what the file holds is never less than what was
+        shown. Prometheus takes a counter that goes back after a ``kill -9`` and a
+        restart as a reset, and a user who saw a SIGUSR2 line must not see smaller
+        numbers later. Exposures that arrive while a save is pending share it: the file
+        is written once per round however many ask, and never while another save runs
+        (the periodic one included: if it took its snapshot before us, one more follows
+        it). False when the save failed or took longer than ``timeout``: the caller shows
+        its snapshot anyway (``/health`` reports the failing persistence).
+        """
+        want = self._taken + 1
+        self._wanted = max(self._wanted, want)
+        if self._for_exposures is None:
+            self._for_exposures = gevent.spawn(self._save_for_exposures)
+        self._for_exposures.join(timeout)
+        return self._done >= want
+
+    def _save_for_exposures(self) -> None:
+        try:
+            while self._done < self._wanted:
+                if not self.save_now():
+                    break  # the file cannot be written now: the waiters give up, health says so
+        finally:
+            self._for_exposures = None
+
     def save_now(self) -> bool:
         """Save once; blocks this greenlet (not the hub) until the file is durable."""
         with self._lock:
             try:
+                self._taken += 1
+                number = self._taken
                 data = encode(self.get_snapshot(), self.wall_clock())
             except Exception:  # a bug, not an I/O problem: say so loudly, keep serving
                 self.log.exception("recovery: cannot build the snapshot")
@@ -520,6 +557,7 @@ class Saver:
             error = gevent.get_hub().threadpool.apply(_write_or_error, (self.path, data))
             if error is not None:
                 return self._failed(_reason(error))
+            self._done = max(self._done, number)
         if not self.healthy:
             self.log.info("recovery file %s is being saved again", self.path)
         self.healthy = True

@@ -122,10 +122,21 @@ class Services:
         self.keep_saved: Callable[[Snapshot], bool] = lambda _saved: True
         #: Run after the final save, with its success (the master removes its table file then).
         self.after_final_save: Callable[[bool], None] | None = None
-        self.print_stats = StatsPrinter(self.snapshot)
+        self.print_stats = StatsPrinter(self.shown_snapshot)
         self.draining = False
         self._stopped = Event()
         self._signals: list = []
+
+    def shown_snapshot(self) -> Snapshot:
+        """The snapshot SIGUSR2, ``/stats`` and ``/metrics`` show, once the recovery file holds as much.
+
+        Blocks the calling greenlet (a signal's or a request's, never the hub) for one
+        shared save, at most a second; see ``recovery.Saver.durable``.
+        """
+        snap = self.snapshot()
+        if self.saver is not None:
+            self.saver.durable()
+        return snap
 
     # -- lifecycle ----------------------------------------------------------
     def start(self, serve: Callable[[], str], signals: dict[int, Handler]) -> str:
@@ -178,7 +189,7 @@ class Services:
                 info={"version": _version(), "workers": cfg.workers},
                 logger=log,
             )
-        app = make_app(self.snapshot, self.health, get_extra=self.health.gauges, live=self.live)
+        app = make_app(self.shown_snapshot, self.health, get_extra=self.health.gauges, live=self.live)
         return HttpServer(cfg.http, app, logger=log, allow=cfg.http_allow)
 
     @staticmethod

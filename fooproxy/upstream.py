@@ -143,9 +143,9 @@ class Connector:
         finally:
             self._refresh = None
 
-    def recorder(self, sock: socket.socket) -> Callable | None:
-        """How the session on ``sock`` records its chunks (None: ``Stats.record``; a Balancer counts per upstream)."""
-        return None
+    def messages_cell(self, sock: socket.socket) -> int:
+        """Where the session on ``sock`` counts its upstream's messages (0: nowhere; a Balancer counts per upstream)."""
+        return 0
 
     def release(self, sock: socket.socket, reusable: bool) -> None:
         """Give a connection back after its session; here it is always closed."""

@@ -243,7 +243,7 @@ def test_per_upstream_counts_merge_across_blocks_by_address():
     assert (e1, e2) == (0, 1)
     one.add_upstream(e1, "sessions_total", 3)
     two.add_upstream(e2, "sessions_total", 4)
-    two.recorder(e2)(True, 10, (2, 1, 0, 5))  # invalid lines are not messages
+    two.record(True, 10, (2, 1, 0, 5), None, b"", two.messages_cell(e2))  # invalid lines are not messages
     snap = Snapshot.from_blocks([one.block, two.block], 0.0, 0.0)
     row = snap.as_dict()["upstreams"]["127.0.0.1:1"]
     assert row == {"up": True, "sessions_active": 0, "sessions_total": 7, "messages": 3}
