@@ -97,6 +97,7 @@ def test_sigusr2_from_the_first_import_on_never_kills(procs, workers):
     started = time.monotonic()
     sent = 0
     seen: dict[str, float] = {}
+    default_after_gevent: list[float] = []
     while sent < STORM_MAX and time.monotonic() - started < 60:
         state = startup_state(proc.pid, maps="gevent" not in seen)
         if state is None or not proc.alive():
@@ -105,6 +106,10 @@ def test_sigusr2_from_the_first_import_on_never_kills(procs, workers):
         for name, flag in zip(("ignored", "caught", "gevent"), state, strict=True):
             if flag:
                 seen.setdefault(name, now)
+        if "gevent" in seen and not (state[0] or state[1]):
+            # SigIgn/SigCgt are read after the maps: once gevent is mapped, SIGUSR2 must be
+            # ignored or caught, never at its default action (which kills).
+            default_after_gevent.append(now)
         if "gevent" in seen:
             os.killpg(proc.pid, signal.SIGUSR2)
             sent += 1
@@ -116,7 +121,14 @@ def test_sigusr2_from_the_first_import_on_never_kills(procs, workers):
     print("SIGUSR2 storm: %d signals; ms after Popen: %s" % (sent, seen))
     assert proc.alive(), "killed by SIGUSR2 number %d (status %s)\n%s" % (sent, proc.returncode, proc.tail())
     assert sent and "listening on" in proc.stderr_text(), proc.tail()
-    assert seen.get("ignored", 1e9) <= seen["gevent"], "SIGUSR2 not ignored before gevent loaded: %s" % seen
+    # Not "ignored seen before gevent": on a loaded machine this poller can sleep through the
+    # whole window between the ignore and the real handler (CI saw gevent and the handler
+    # first, never the ignore). The property is that no reading after gevent saw the default.
+    assert not default_after_gevent, "SIGUSR2 at its default action after gevent loaded (ms %s): %s" % (
+        default_after_gevent[:5],
+        seen,
+    )
+    assert "ignored" in seen or "caught" in seen, seen
     requests(listen, 3)
     stats = read_stats(proc)  # the real handler answers with one JSON line
     assert stats["msg_req"] == 3, stats
