@@ -34,6 +34,27 @@ def prometheus_bin() -> str:
     return found
 
 
+def start_prometheus(procs, prometheus_bin: str, tmp_path: Path, targets: list[str]) -> Api:
+    """Prometheus on loopback scraping ``targets`` with the shipped rules, once it sees them all up."""
+    web = "127.0.0.1:%d" % free_port()
+    config = tmp_path / "prometheus.yml"
+    shutil.copy(RULES, tmp_path / RULES.name)
+    config.write_text(scrape_config(targets, [RULES.name]))
+    prom = Process(
+        command(prometheus_bin, str(config), str(tmp_path / "data"), web),
+        name="prometheus",
+        log_dir=tmp_path,
+        ready_port=tuple(tasks.split_address(web)),
+        ready_timeout=60,
+    )
+    procs.add(prom)
+    prom.start()
+    api = Api("http://" + web)
+    api.wait_ready(prom)
+    api.wait_value('count(up{job="fooproxy"} == 1)', len(targets))
+    return api
+
+
 def test_promtool_accepts_the_shipped_config_and_rules(prometheus_bin: str) -> None:
     promtool = shutil.which("promtool") or str(Path(prometheus_bin).with_name("promtool"))
     for args in (["check", "rules", str(RULES)], ["check", "config", str(SAMPLE_CONFIG)]):
@@ -48,22 +69,7 @@ def test_prometheus_sums_two_instances_exactly(procs, peers, prometheus_bin: str
     a = procs.proxy(server.address, "-workers", "2", http=http_a, ready_timeout=60)
     b = procs.proxy(server.address, http=http_b)
 
-    web = "127.0.0.1:%d" % free_port()
-    config = tmp_path / "prometheus.yml"
-    shutil.copy(RULES, tmp_path / RULES.name)
-    config.write_text(scrape_config([http_a, http_b], [RULES.name]))
-    prom = Process(
-        command(prometheus_bin, str(config), str(tmp_path / "data"), web),
-        name="prometheus",
-        log_dir=tmp_path,
-        ready_port=tuple(tasks.split_address(web)),
-        ready_timeout=60,
-    )
-    procs.add(prom)
-    prom.start()
-    api = Api("http://" + web)
-    api.wait_ready(prom)
-    api.wait_value('count(up{job="fooproxy"} == 1)', 2)
+    api = start_prometheus(procs, prometheus_bin, tmp_path, [http_a, http_b])
 
     runs_a, runs_b = 12, 7
     assert not tasks.failures(tasks.run_clients_parallel(a.address, runs_a, peers=peers))
@@ -101,22 +107,7 @@ def test_fleet_latency_p50_from_prometheus_is_the_servers_delay(procs, prometheu
     b = procs.proxy("127.0.0.1:%d" % port, http=http_b)
     a.wait_for_output(tasks.PROXY_READY, 60, "stderr")
 
-    web = "127.0.0.1:%d" % free_port()
-    config = tmp_path / "prometheus.yml"
-    shutil.copy(RULES, tmp_path / RULES.name)
-    config.write_text(scrape_config([http_a, http_b], [RULES.name]))
-    prom = Process(
-        command(prometheus_bin, str(config), str(tmp_path / "data"), web),
-        name="prometheus",
-        log_dir=tmp_path,
-        ready_port=tuple(tasks.split_address(web)),
-        ready_timeout=60,
-    )
-    procs.add(prom)
-    prom.start()
-    api = Api("http://" + web)
-    api.wait_ready(prom)
-    api.wait_value('count(up{job="fooproxy"} == 1)', 2)
+    api = start_prometheus(procs, prometheus_bin, tmp_path, [http_a, http_b])
 
     clients, exchanges = 4, 25
     errors: list[BaseException] = []
