@@ -15,6 +15,7 @@ import pytest
 
 from harness import sigusr2, tasks
 from harness.binaries import fooproxy_command
+from harness.processes import port_accepts
 from tests.e2e.reloading import ClientLoop, reload_lines, sessions_after, sighup_and_wait, write_config
 from tests.faults import running
 
@@ -168,9 +169,9 @@ def test_listen_change_is_refused_by_name_http_moves(procs, tmp_path):
     line = sighup_and_wait(proxy)
     assert "listen refused" in line and "http %s -> %s" % (http1, http2) in line, line
     assert running.http_get(http2, "/health")[0] == 200
-    assert running.poll(lambda: not _accepts(http1), timeout=5)
+    assert running.poll(lambda: not port_accepts(*tasks.split_address(http1), timeout=1), timeout=5)
     assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
-    assert not _accepts(moved)
+    assert not port_accepts(*tasks.split_address(moved), timeout=1)
 
 
 @WORKERS
@@ -199,14 +200,6 @@ def test_sighup_burst_coalesces_and_never_overlaps(procs, tmp_path, workers):
         assert running.poll(lambda: len(children(proxy.pid)) == int(workers), timeout=10), children(proxy.pid)
     assert "reload failed" not in proxy.stderr_text()
     assert one_session(listen).startswith((b"ACK 7 ", b"NAK 7 "))
-
-
-def _accepts(address: str) -> bool:
-    try:
-        socket.create_connection(tasks.split_address(address), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_clients_waiting_in_the_backlog_during_a_rolling_reload_are_served(procs, tmp_path):

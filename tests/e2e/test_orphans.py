@@ -16,6 +16,7 @@ import socket
 import pytest
 
 from harness import sigusr2, tasks
+from harness.processes import port_accepts
 from tests.e2e.test_workers import running, start_proxy, waited, workers_of
 
 pytestmark = pytest.mark.e2e
@@ -45,14 +46,6 @@ class Session:
         self.sock.close()
 
 
-def accepts(address: str) -> bool:
-    try:
-        socket.create_connection(tasks.split_address(address), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 def test_orphaned_workers_traffic_is_adopted_by_the_restarted_master(procs, server, tmp_path) -> None:
     path = str(tmp_path / "recovery.json")
     first = start_proxy(procs, server, "-grace", "60", recovery_path=path)
@@ -64,7 +57,11 @@ def test_orphaned_workers_traffic_is_adopted_by_the_restarted_master(procs, serv
     waited(lambda: not running(first.pid), 10, "the master to die")
     # The orphans drain: they still answer the open sessions, and nobody reads their counts yet.
     sent += sum(s.exchange(10) for s in sessions)
-    waited(lambda: not accepts(listen), 15, "the orphans to close the listening sockets")
+    waited(
+        lambda: not port_accepts(*tasks.split_address(listen), timeout=1),
+        15,
+        "the orphans to close the listening sockets",
+    )
     second = start_proxy(procs, server, "-grace", "60", listen=listen, recovery_path=path)
     log = second.stderr_text()
     assert "adopted the stats table" in log and "orphaned workers still draining" in log, log

@@ -20,7 +20,7 @@ import pytest
 
 from harness import tasks
 from harness.binaries import fooproxy_command
-from harness.processes import Process
+from harness.processes import Process, port_accepts
 from tests.faults import running
 
 pytestmark = pytest.mark.e2e
@@ -100,14 +100,6 @@ class NotifySocket:
         self.sock.close()
 
 
-def accepts(address: str) -> bool:
-    try:
-        socket.create_connection(tasks.split_address(address), timeout=2).close()
-    except OSError:
-        return False
-    return True
-
-
 def start_notified(procs, notify: NotifySocket, server: tasks.Service, *args: str) -> tuple[Process, str]:
     listen = tasks.local_address()
     env = tasks.proxy_env({"NOTIFY_SOCKET": notify.address})
@@ -125,7 +117,7 @@ def test_ready_only_once_the_port_accepts_then_reloading_and_stopping(procs, tmp
         proc, listen = start_notified(procs, notify, server, "-workers", workers)
         first = notify.next()
         # The moment READY=1 arrives, the port already accepts (and the log says so).
-        assert accepts(listen), first
+        assert port_accepts(*tasks.split_address(listen), timeout=2), first
         assert first.splitlines()[0] == "READY=1" and "MAINPID=%d" % proc.pid in first, first
         assert "listening on" in proc.stderr_text()
         proc.send_signal(signal.SIGHUP)
@@ -144,7 +136,7 @@ def test_abstract_notify_socket(procs):
     try:
         proc, listen = start_notified(procs, notify, server)
         assert notify.next().startswith("READY=1")
-        assert accepts(listen)
+        assert port_accepts(*tasks.split_address(listen), timeout=2)
     finally:
         notify.close()
 
@@ -155,7 +147,7 @@ def test_a_notify_socket_nobody_listens_on_changes_nothing(procs, tmp_path):
     notify.close()  # the path stays, nobody reads it: every send fails
     proc, listen = start_notified(procs, notify, server)
     proc.wait_for_output("listening on", 30)
-    assert accepts(listen)
+    assert port_accepts(*tasks.split_address(listen), timeout=2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
     assert "Traceback" not in proc.stderr_text()
