@@ -1,6 +1,10 @@
 """Packaging for fooproxy: the proxy, its harness peers and test driver."""
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+
+# The per-chunk hot path in C (fooproxy/_flow.c; fooproxy/speedups.py says which path runs).
+# optional: without a C compiler the install still succeeds, with databus.py's pure-Python Flow.
+FLOW_EXTENSION = Extension("fooproxy._flow", ["fooproxy/_flow.c"], optional=True)
 
 setup(
     name="fooproxy",
@@ -11,6 +15,7 @@ setup(
     packages=find_packages(include=["fooproxy", "fooproxy.*", "harness", "harness.*"]),
     # The live page's files (fooproxy/static/README.md says where the vendored uPlot comes from).
     package_data={"fooproxy": ["static/*"]},
+    ext_modules=[FLOW_EXTENSION],
     python_requires=">=3.11",
     install_requires=[
         "gevent>=24.10.1,<27",

@@ -40,6 +40,7 @@ from typing import Any
 import gevent
 from gevent.socket import socket
 
+from fooproxy import speedups
 from fooproxy.latency import Timer
 from fooproxy.protocol import MessageCounter
 from fooproxy.stats import Stats
@@ -140,8 +141,8 @@ class Flow:
         req, ack, nak, invalid = counts  # the session's own count: record() returns nothing
         self.lines += req + ack + nak + invalid
         self.nbytes += n
-        if self.watch_answers and bus.answered:
-            bus.finish(CLIENT_CLOSED)
+        if self.watch_answers:
+            bus.answers_delivered()
 
     def _hold(self, data: bytes, sent: int) -> None:
         """``dst`` is full: stop reading, send the rest when it is writable."""
@@ -174,6 +175,21 @@ class Flow:
         if self.writer is not None:
             self.writer.close()
         self.bus = None  # breaks the bus <-> flow cycle at once, without the cyclic GC
+
+
+#: The C Flow (``fooproxy/_flow.c``: the same class, its hot path compiled), or None.
+_CFlow = speedups.FLOW.Flow if speedups.FLOW is not None else None
+#: Every class a session's flow may be (what a leak check looks for).
+FLOW_TYPES: tuple[type, ...] = (Flow,) if _CFlow is None else (Flow, _CFlow)
+
+
+def new_flow(bus: DataBus, src: socket, dst: socket, to_server: bool, stats: Stats, messages_cell: int) -> Flow:
+    """One direction of ``bus``: the C Flow when it is built (speedups.py), else the Python one above."""
+    if _CFlow is None:
+        return Flow(bus, src, dst, to_server)
+    record = None if speedups.records_in_c(stats) else stats.record
+    return _CFlow(bus, _raw(src).fileno(), _raw(dst).fileno(), to_server, gevent.get_hub().loop, stats, record,
+                  messages_cell)  # fmt: skip
 
 
 class DataBus:
@@ -209,8 +225,8 @@ class DataBus:
         self.linger = linger
         self.idle_timeout = idle_timeout
         self.keep_upstream = keep_upstream
-        self.c2s_flow = Flow(self, client, upstream, True)
-        self.s2c_flow = Flow(self, upstream, client, False)
+        self.c2s_flow = new_flow(self, client, upstream, True, stats, messages_cell)
+        self.s2c_flow = new_flow(self, upstream, client, False, stats, messages_cell)
         self.client_eof = False
         self.upstream_eof = False
         self.ending: str | None = None
@@ -285,6 +301,11 @@ class DataBus:
             self.upstream_eof = True
             _shutdown(self.client, _SHUT_RDWR)
             self.finish(UPSTREAM_CLOSED)
+
+    def answers_delivered(self) -> None:
+        """The server->client flow delivered a chunk after the client's EOF: end once every answer is out."""
+        if self.answered:
+            self.finish(CLIENT_CLOSED)
 
     def _client_eof(self) -> None:
         self.client_eof = True

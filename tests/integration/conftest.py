@@ -17,7 +17,7 @@ from gevent.event import Event
 from gevent.server import StreamServer
 
 from fooproxy.config import Address, Config
-from fooproxy.databus import DataBus, Flow
+from fooproxy.databus import FLOW_TYPES, DataBus
 from fooproxy.dispatcher import Dispatcher
 from fooproxy.stats import Stats
 from fooproxy.upstream import HubConnect
@@ -140,7 +140,7 @@ def proxy_for():
         assert d.proxy.open_count == 0, "clients still open: %d" % d.proxy.open_count
     # ...no session or dial object kept alive by a watcher left behind...
     gc.collect()
-    alive = [o for o in gc.get_objects() if isinstance(o, (DataBus, Flow, HubConnect))]
+    alive = [o for o in gc.get_objects() if isinstance(o, (DataBus, *FLOW_TYPES, HubConnect))]
     assert not alive, "session objects still referenced: %r" % alive[:5]
     # ...and no greenlet still running fooproxy code (a handler, a timer loop).
     running = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and _in_fooproxy(g)]
