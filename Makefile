@@ -6,9 +6,9 @@ STAMP  := $(VENV)/.installed
 export FOO_BIN_DIR ?= bin
 export GEVENT_MONITOR_THREAD_ENABLE ?= 1
 
-.PHONY: install test unit integration e2e load bench demo lint tox fuzz clean
+.PHONY: install test test-pure unit integration e2e load bench demo lint tox fuzz clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py fooproxy/_flow.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test,load,lint,hosts,fuzz]'
@@ -18,6 +18,9 @@ install: $(STAMP)  ## create .venv and install fooproxy with everything make tes
 
 test: $(STAMP)  ## every test that finishes in a few minutes (CI runs this)
 	$(BIN)/pytest tests
+
+test-pure: $(STAMP)  ## the same tests on the pure-Python hot path (FOOPROXY_PURE=1: no fooproxy._flow)
+	FOOPROXY_PURE=1 $(BIN)/pytest tests
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

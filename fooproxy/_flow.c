@@ -420,10 +420,20 @@ fail:
 
 /* time.monotonic(), with its own arithmetic (_PyTime_AsSecondsDouble): the fast path runs only
  * for a Stats whose clock is time.monotonic (speedups.py decides), so both read the same time. */
+static PyObject *test_clock; /* set_clock(): a test's clock in place of CLOCK_MONOTONIC */
+
 static int
 now_of(Flow *self, double *now)
 {
     struct timespec ts;
+    if (test_clock != NULL) {
+        PyObject *t = PyObject_CallNoArgs(test_clock);
+        if (t == NULL)
+            return -1;
+        *now = PyFloat_AsDouble(t);
+        Py_DECREF(t);
+        return (*now == -1.0 && PyErr_Occurred()) ? -1 : 0;
+    }
     if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) {
         PyErr_SetFromErrno(PyExc_OSError);
         return -1;
@@ -1103,7 +1113,21 @@ classify_line(PyObject *module, PyObject *arg)
     return PyLong_FromLong(kind);
 }
 
+static PyObject *
+set_clock(PyObject *module, PyObject *clock)
+{
+    if (clock == Py_None)
+        Py_CLEAR(test_clock);
+    else {
+        Py_INCREF(clock);
+        Py_XSETREF(test_clock, clock);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"set_clock", set_clock, METH_O,
+     "For tests only: every Flow reads this clock instead of CLOCK_MONOTONIC (None: back to it)."},
     {"configure", configure, METH_O, "Take the layout constants (a dict; fooproxy/speedups.py makes it)."},
     {"classify", classify_line, METH_O, "0 REQ, 1 ACK, 2 NAK, 3 invalid: one line without its newline."},
     {NULL}};
