@@ -170,6 +170,13 @@ def parse(argv: list[str]) -> Config:
 KINDS: dict[str, str] = dict(re.findall(r"^  --([a-z-]+) ([A-Z]+)", USAGE, re.M))
 
 
+def _version() -> str:
+    """``--version``: the version, and which hot path runs (the C extension or its Python fallback)."""
+    from fooproxy import speedups
+
+    return "fooproxy %s (hot path: %s)\n" % (__version__, speedups.HOT_PATH)
+
+
 def parse_command(argv: list[str]) -> tuple[Config, ConfigSource]:
     """Like ``parse``, and also the ``ConfigSource`` a SIGHUP reload builds the next Config from."""
     args = normalise(argv)
@@ -178,7 +185,7 @@ def parse_command(argv: list[str]) -> tuple[Config, ConfigSource]:
     if "-h" in lone or "--help" in lone:
         _print_and_exit(USAGE)
     if "--version" in lone:
-        _print_and_exit("fooproxy %s\n" % __version__)
+        _print_and_exit(_version())
     try:
         opts = docopt(USAGE, argv=args, default_help=False, version=None)
     except DocoptExit as exc:
@@ -186,7 +193,7 @@ def parse_command(argv: list[str]) -> tuple[Config, ConfigSource]:
     if opts["--help"]:
         _print_and_exit(USAGE)
     if opts["--version"]:
-        _print_and_exit("fooproxy %s\n" % __version__)
+        _print_and_exit(_version())
     given = frozenset(t.split("=", 1)[0][2:] for t in lone if t.startswith("--"))
     source = ConfigSource(opts, given, KINDS)
     try:

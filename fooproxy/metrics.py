@@ -23,7 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from fooproxy import __version__
+from fooproxy import __version__, speedups
 from fooproxy.latency import BOUNDS
 from fooproxy.stats import Snapshot
 from fooproxy.timetable import WINDOWS
@@ -42,7 +42,9 @@ EXTRA_HELP = {
     "upstream_up": "1 if the last periodic check could connect to the upstream server, else 0.",
     "persistence_ok": "1 if the last save of the recovery file succeeded, else 0.",
 }
-_BUILD = {"version": __version__, "python": platform.python_version(), "gevent": gevent.__version__}
+#: ``hot_path``: "c" when fooproxy/_flow.c moves the bytes, "python" on the fallback (speedups.py).
+_BUILD = {"version": __version__, "python": platform.python_version(), "gevent": gevent.__version__,
+          "hot_path": speedups.HOT_PATH}  # fmt: skip
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], counts: list[int], sum_ns: int) -> None:

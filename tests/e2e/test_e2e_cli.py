@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from fooproxy import __version__
+from fooproxy import __version__, speedups
 from harness import tasks
 from tests.helpers import run_fooproxy as fooproxy
 
@@ -23,7 +23,7 @@ def test_help_exits_0_with_usage() -> None:
 def test_version() -> None:
     result = fooproxy("--version")
     assert result.returncode == 0, result
-    assert result.stdout.strip() == "fooproxy %s" % __version__
+    assert result.stdout.strip() == "fooproxy %s (hot path: %s)" % (__version__, speedups.HOT_PATH)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fooproxy import __version__
+from fooproxy import __version__, speedups
 from fooproxy.dashboard import STATIC_FILES
 from harness.processes import Process, free_port
 
@@ -79,6 +79,8 @@ def test_the_wheel_installs_in_a_fresh_venv_and_proxies_a_client(dist: Path, tmp
 
     res = _run([str(bin_dir / "fooproxy"), "--version"], timeout=60)
     assert res.returncode == 0 and __version__ in res.stdout, res.stdout + res.stderr
+    if speedups.HOT_PATH == "c":  # built here, so the wheel must carry it too
+        assert "(hot path: c)" in res.stdout, "the wheel lacks the compiled fooproxy._flow: " + res.stdout
 
     clean_env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     server_port, proxy_port, http_port = free_port(), free_port(), free_port()

@@ -172,7 +172,7 @@ def test_metrics_values(srv):
     assert ("fooproxy_uptime_seconds", ()) not in v  # process_start_time_seconds instead
     assert v[("process_start_time_seconds", ())] > 0
     build = [labels for name, labels in v if name == "fooproxy_build_info"]
-    assert len(build) == 1 and {k for k, _ in build[0]} == {"version", "python", "gevent"}
+    assert len(build) == 1 and {k for k, _ in build[0]} == {"version", "python", "gevent", "hot_path"}
     # Ours and the process collector's: a private registry, no GC/platform defaults.
     assert all(name.startswith(("fooproxy_", "process_")) for name, _ in v)
 

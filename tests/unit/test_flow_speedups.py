@@ -50,9 +50,20 @@ _FIELD = st.sampled_from([b"REQ", b"ACK", b"NAK", b"REQ\t", b"req", b"RE", b"", 
 _SEQ = st.one_of(
     st.integers(min_value=-(2**64), max_value=2**64).map(lambda n: b"%d" % n),
     st.integers(min_value=0, max_value=10**6).map(lambda n: b"+%d" % n),
-    st.sampled_from([b"9223372036854775807", b"9223372036854775808", b"-9223372036854775808",
-                     b"-9223372036854775809", b"0" * 40 + b"9223372036854775807", b"+", b"-", b"", b"1a",
-                     b"00000000000000000000012345678901234567"]),  # fmt: skip
+    st.sampled_from(
+        [
+            b"9223372036854775807",
+            b"9223372036854775808",
+            b"-9223372036854775808",
+            b"-9223372036854775809",
+            b"0" * 40 + b"9223372036854775807",
+            b"+",
+            b"-",
+            b"",
+            b"1a",
+            b"00000000000000000000012345678901234567",
+        ]
+    ),  # fmt: skip
     st.binary(max_size=6),
 )
 _DATA = st.one_of(st.just(None), st.binary(max_size=12), st.sampled_from([b"", b"a b", b"x\r", b"\t", b"\x00"]))
