@@ -469,10 +469,81 @@ call_timer(Flow *self, PyObject *method, const counts_t *c, PyObject **data, con
     return r ? 0 : -1;
 }
 
+/* The latency Timer's __slots__, read and written in place at their member descriptors'
+ * offsets (what member_get and member_set do) rather than through an attribute lookup each:
+ * ~100 instructions per access, several per message.  Only for latency.Timer itself (a
+ * subclass, or a Timer whose slot is unset, goes through getattr); configure() finds them. */
+#define TIMER_SLOTS 5
+static PyTypeObject *timer_type;
+static PyObject **timer_names[TIMER_SLOTS] = {&s_head_t, &s_head_r, &s_head_o, &s_fifo, &s_max_s};
+static Py_ssize_t timer_offsets[TIMER_SLOTS];
+
+static PyObject **
+slot_of(PyObject *obj, PyObject *name)
+{
+    if (Py_TYPE(obj) != timer_type)
+        return NULL;
+    for (int k = 0; k < TIMER_SLOTS; k++)
+        if (*timer_names[k] == name)
+            return (PyObject **)((char *)obj + timer_offsets[k]);
+    return NULL;
+}
+
+static PyObject *
+get_attr(PyObject *obj, PyObject *name)
+{
+    PyObject **slot = slot_of(obj, name);
+    if (slot != NULL && *slot != NULL) {
+        Py_INCREF(*slot);
+        return *slot;
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+/* obj.name = v, stealing the reference to v (NULL: an error is set already). */
+static int
+set_attr(PyObject *obj, PyObject *name, PyObject *v)
+{
+    if (v == NULL)
+        return -1;
+    PyObject **slot = slot_of(obj, name);
+    if (slot != NULL) {
+        Py_XSETREF(*slot, v);
+        return 0;
+    }
+    int rc = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static int
+find_timer_slots(PyObject *type)
+{
+    timer_type = NULL;
+    if (!PyType_Check(type)) {
+        PyErr_SetString(PyExc_TypeError, "configure: Timer must be a class");
+        return -1;
+    }
+    for (int k = 0; k < TIMER_SLOTS; k++) {
+        PyObject *d = PyObject_GetAttr(type, *timer_names[k]);
+        if (d == NULL)
+            return -1;
+        int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX &&
+                 !(((PyMemberDescrObject *)d)->d_member->flags & READONLY);
+        if (ok)
+            timer_offsets[k] = ((PyMemberDescrObject *)d)->d_member->offset;
+        Py_DECREF(d);
+        if (!ok)
+            return 0; /* not plain slots: every access goes through getattr */
+    }
+    timer_type = (PyTypeObject *)type;
+    return 0;
+}
+
 static int
 get_ll(PyObject *obj, PyObject *name, long long *out)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = get_attr(obj, name);
     if (v == NULL)
         return -1;
     *out = PyLong_AsLongLong(v);
@@ -483,7 +554,7 @@ get_ll(PyObject *obj, PyObject *name, long long *out)
 static int
 get_d(PyObject *obj, PyObject *name, double *out)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
+    PyObject *v = get_attr(obj, name);
     if (v == NULL)
         return -1;
     *out = PyFloat_AsDouble(v);
@@ -494,19 +565,13 @@ get_d(PyObject *obj, PyObject *name, double *out)
 static int
 set_ll(PyObject *obj, PyObject *name, long long v)
 {
-    PyObject *o = PyLong_FromLongLong(v);
-    int rc = o ? PyObject_SetAttr(obj, name, o) : -1;
-    Py_XDECREF(o);
-    return rc;
+    return set_attr(obj, name, PyLong_FromLongLong(v));
 }
 
 static int
 set_d(PyObject *obj, PyObject *name, double v)
 {
-    PyObject *o = PyFloat_FromDouble(v);
-    int rc = o ? PyObject_SetAttr(obj, name, o) : -1;
-    Py_XDECREF(o);
-    return rc;
+    return set_attr(obj, name, PyFloat_FromDouble(v));
 }
 
 /* pending[i] += v, with Python's arithmetic (an int cell becomes a float when v is one). */
@@ -574,7 +639,7 @@ answer_head(Flow *self, const counts_t *c, long long resp, long long owed, doubl
     if (set_ll(timer, s_head_r, owed - resp) < 0)
         return -1;
     if (resp == owed) {
-        PyObject *fifo = PyObject_GetAttr(timer, s_fifo);
+        PyObject *fifo = get_attr(timer, s_fifo);
         if (fifo == NULL)
             return -1;
         int more = PyObject_IsTrue(fifo);
@@ -693,7 +758,7 @@ record(Flow *self, const counts_t *c, const unsigned char *buf, Py_ssize_t n, Py
                 goto fail;
             goto done;
         }
-        PyObject *fifo = PyObject_GetAttr(timer, s_fifo);
+        PyObject *fifo = get_attr(timer, s_fifo);
         if (fifo == NULL)
             goto fail;
         Py_ssize_t behind = PyObject_Length(fifo);
@@ -1098,6 +1163,14 @@ configure(PyObject *module, PyObject *d)
         if (ONE[k] == NULL)
             return NULL;
     }
+    PyObject *timer = PyDict_GetItemString(d, "Timer");
+    if (timer == NULL) {
+        PyErr_SetString(PyExc_KeyError, "configure: Timer missing");
+        return NULL;
+    }
+    if (find_timer_slots(timer) < 0)
+        return NULL;
+    Py_INCREF(timer); /* kept: timer_type points at it */
     L.ready = 1;
     Py_RETURN_NONE;
 }

@@ -45,6 +45,7 @@ def _configure(flow: ModuleType) -> None:
             "fast": latency.FAST,
             "bounds": latency.BOUNDS,
             "Counts": protocol.Counts,
+            "Timer": latency.Timer,  # its __slots__ are read in place
         }
     )
 
