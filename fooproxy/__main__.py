@@ -34,19 +34,14 @@ from fooproxy.listeners import StartupError  # noqa: E402
 def log_formatter(log_format: str = "text") -> logging.Formatter:
     """The formatter of ``-log-format`` (``text`` or ``json``), as the handler of every log line uses it.
 
-    ``json``: one object per line (python-json-logger) with ``ts`` (ISO 8601, UTC),
-    ``level``, ``logger``, ``pid``, ``msg`` and the record's extra fields (the
-    close line's ``peer``, ``duration_s``, ``ended``, bytes, msgs, ``latency_max_ms``).
+    ``json``: one object per line (python-json-logger with orjson, ``fooproxy.jsonlog``)
+    with ``ts`` (ISO 8601, UTC), ``level``, ``logger``, ``pid``, ``msg`` and the line's
+    fields (the close line's ``peer``, ``duration_s``, ``ended``, bytes, msgs, ``latency_max_ms``).
     """
     if log_format == "json":
-        from pythonjsonlogger.json import JsonFormatter
+        from fooproxy.jsonlog import JsonLineFormatter
 
-        return JsonFormatter(
-            "{levelname}{name}{process}{message}",
-            style="{",
-            rename_fields={"levelname": "level", "name": "logger", "process": "pid", "message": "msg"},
-            timestamp="ts",
-        )
+        return JsonLineFormatter()
     return logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
 
 
