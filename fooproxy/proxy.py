@@ -264,21 +264,16 @@ def _peer(address: tuple) -> str:
 
 
 def _log_close(peer: str, how: str, duration: float, bus: DataBus | None) -> None:
+    # One dict, logging's mapping form: the text line's arguments and -log-format json's fields (fooproxy.jsonlog).
     if bus is None:
-        log.info("%s: closed (%s) after %.3fs", peer, how, duration, extra={"peer": peer, "ended": how,
-                 "duration_s": round(duration, 6)})  # fmt: skip
+        log.info("%(peer)s: closed (%(ended)s) after %(duration_s).3fs",
+                 {"peer": peer, "duration_s": round(duration, 6), "ended": how})  # fmt: skip
         return
     timer = bus.timer
     log.info(
-        "%s: closed (%s) after %.3fs: client->server %d bytes %d msgs, server->client %d bytes %d msgs",
-        peer,
-        how,
-        duration,
-        bus.bytes_c2s,
-        bus.lines_c2s,
-        bus.bytes_s2c,
-        bus.lines_s2c,
-        extra={  # the same facts as fields, for -log-format json (text shows only the message)
+        "%(peer)s: closed (%(ended)s) after %(duration_s).3fs: client->server %(bytes_c2s)d bytes %(msgs_c2s)d msgs,"
+        " server->client %(bytes_s2c)d bytes %(msgs_s2c)d msgs",
+        {
             "peer": peer,
             "duration_s": round(duration, 6),
             "ended": how,

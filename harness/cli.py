@@ -27,11 +27,12 @@ Commands:
   swarm   Locust load through fooproxy (harness.bench.swarm).
   bench   Direct vs through-proxy benchmark table (harness.bench.bench).
   msgcost Instructions per message through fooproxy and HAProxy, by callgrind (harness.bench.msgcost).
+  logcost The cost of one close log line, -log-format text vs json (harness.bench.logcost).
 
 Options:
   -h --help  Show this help and exit.
 
-Run "foo-harness <command> -h" for a command's options (demo, swarm, bench, msgcost).
+Run "foo-harness <command> -h" for a command's options (demo, swarm, bench, msgcost, logcost).
 """
 
 DEMO_USAGE = """\
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return e2e(args)
     if command == "demo":
         return demo_main(args)
-    if command in ("swarm", "bench", "msgcost"):
+    if command in ("swarm", "bench", "msgcost", "logcost"):
         return delegate(command, args)
     return _usage_error("unknown command %r" % command)
 

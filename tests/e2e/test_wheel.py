@@ -22,7 +22,8 @@ from fooproxy.dashboard import STATIC_FILES
 from harness.processes import Process, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNTIME = {"gevent", "docopt-ng", "prometheus-client", "python-json-logger"}  # names normalised as PEP 503 does
+# Names normalised as PEP 503 does.
+RUNTIME = {"gevent", "docopt-ng", "prometheus-client", "python-json-logger", "orjson"}
 
 
 def _run(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:

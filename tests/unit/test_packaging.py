@@ -1,5 +1,6 @@
 """The packaging promises stay in step: tox's gevent-min/max pins are the ends of the range
-setup.py admits, and the runtime requirements are only gevent, docopt-ng, prometheus_client and python-json-logger.
+setup.py admits, and the runtime requirements are only gevent, docopt-ng, prometheus_client, python-json-logger
+and orjson (python-json-logger's serializer for -log-format json).
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def _tox_deps() -> dict[str, str]:
     return deps
 
 
-def test_runtime_requirements_are_only_the_four_chosen_libraries() -> None:
-    assert {r.name for r in _install_requires()} == {"gevent", "docopt-ng", "prometheus_client", "python-json-logger"}
+def test_runtime_requirements_are_only_the_five_chosen_libraries() -> None:
+    chosen = {"gevent", "docopt-ng", "prometheus_client", "python-json-logger", "orjson"}
+    assert {r.name for r in _install_requires()} == chosen
     assert all(r.specifier for r in _install_requires()), "every runtime requirement has a pinned range"
 
 
