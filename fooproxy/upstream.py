@@ -12,6 +12,7 @@ client's close line says.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket as _stdsocket
@@ -163,13 +164,16 @@ class Connector:
 
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EINTR})
+_NONBLOCK = getattr(_stdsocket, "SOCK_NONBLOCK", 0)  # Linux: created non-blocking, no fcntl/ioctl after
+_STREAM = _stdsocket.SOCK_STREAM | _NONBLOCK
 
 
 class HubConnect:
     """One upstream connect driven by libev watchers, for callers in the hub.
 
     Tries each target in turn with ``timeout`` each, like ``connect_first``, then calls
-    ``done(sock, None)`` or ``done(None, last_error)`` exactly once (possibly
+    ``done(sock, None)`` (``sock`` a bare, non-blocking ``_socket.socket``, not a
+    gevent one: wrap it to do blocking I/O) or ``done(None, last_error)`` exactly once (possibly
     before the constructor returns). ``cancel()`` stops it and calls
     ``done(None, None)``. Given no targets but ``resolve``, it first resolves
     in a greenlet (a lookup may block; the hub must not).
@@ -187,7 +191,7 @@ class HubConnect:
         self.targets = list(targets or ())
         self.timeout = timeout
         self.done: Callable | None = done
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.watcher = self.timer = None
         self.last: OSError | None = None
         self.resolver: gevent.Greenlet | None = None
@@ -220,11 +224,28 @@ class HubConnect:
         while self.targets:
             family, sockaddr = self.targets.pop(0)
             try:
-                sock = socket.socket(family, _stdsocket.SOCK_STREAM)
+                # The bare C socket, not a gevent one: the session only needs the fd
+                # (libev watchers, non-blocking recv/send), and gevent's wrapper costs
+                # Python frames to make and again to close, per connection. Whoever gets
+                # it closes it with ``close()`` (a Connector's ``release``).
+                sock = _socket.socket(family, _STREAM)
+                if not _NONBLOCK:
+                    sock.setblocking(False)
             except OSError as exc:  # EMFILE: out of descriptors
                 self.last = exc
                 continue
-            err = sock._sock.connect_ex(sockaddr)  # the OS socket is non-blocking: returns at once
+            err = sock.connect_ex(sockaddr)  # non-blocking: returns at once
+            if err == errno.EINPROGRESS:
+                # Ask again before arming watchers: to a server on this machine (loopback)
+                # the handshake has usually finished by now, and the second connect says
+                # so (0), or gives the failure (ECONNREFUSED). That saves an io watcher, a
+                # timer and a wake-up of the loop per connection; still in progress
+                # (EALREADY) is the remote case, a cheap syscall more than before.
+                err = sock.connect_ex(sockaddr)
+                if err == errno.EISCONN:
+                    err = 0
+                elif err == errno.EALREADY:
+                    err = errno.EINPROGRESS
             if err == 0:
                 self._connected(sock)
                 return
@@ -260,7 +281,7 @@ class HubConnect:
         self.last = TimeoutError(errno.ETIMEDOUT, "timed out")
         self._next()
 
-    def _connected(self, sock: socket.socket) -> None:
+    def _connected(self, sock: _socket.socket) -> None:
         try:
             sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
         except OSError as exc:  # reset already: report it like any failed connect
