@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import _socket
 import logging
+import os
 import socket as _stdsocket
+import sys
 import time
 
 from gevent.event import Event
@@ -65,8 +68,18 @@ class Proxy(StreamServer):
         self.sessions: set[DataBus] = set()
         self.connecting: set[HubConnect] = set()
         self.open_count = 0
-        self._all_closed = Event()
+        self._all_closed = Event()  # cleared by wait_closed, not per client (see there)
         self._all_closed.set()
+        # TCP_NODELAY once, on the listener: Linux copies it into every socket
+        # accept() returns (tested: tests/integration/test_proxy.py), which saves a
+        # setsockopt per client. Whether this kernel does is asked of the first
+        # client (``_nodelay``); where it does not, each client gets its own.
+        self._nodelay_per_client = True
+        try:
+            listener.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            self._listener_nodelay = True
+        except OSError:
+            self._listener_nodelay = False
         # Decided once: the connector's kind does not change while we serve.
         self._from_hub = connector.connects_from_hub
         connector.prepare()
@@ -75,28 +88,97 @@ class Proxy(StreamServer):
     def full(self) -> bool:
         return self.open_count >= self.config.max_conns
 
-    def do_read(self):
-        """Accept one client; out of descriptors (EMFILE), pause instead of gevent's traceback."""
-        try:
-            return super().do_read()
-        except OSError as exc:
-            if not self.accept_pause.handles(exc):
-                raise
-            return None
+    def start_accepting(self) -> None:
+        """Watch the listener with our own accept callback, ``_accept_ready`` (not gevent's ``_do_read``)."""
+        if self._watcher is None:
+            self._watcher = self.loop.io(self.socket.fileno(), 1)
+            self._watcher.start(self._accept_ready)
 
     def stop_accepting(self) -> None:
         super().stop_accepting()
         self.accept_pause.cancel()
 
+    def _accept_ready(self) -> None:
+        """The listener's io callback, in the hub: accept up to ``max_accept`` clients and start each.
+
+        This replaces gevent's ``_do_read`` -> ``do_read`` -> ``do_handle`` chain,
+        with the same admission, error handling and back-off, for what it cost per
+        client: gevent wraps each accepted fd in a gevent socket (a Python
+        ``__init__``, and later a Python close path), and goes through three more
+        Python frames. A session only needs the fd (its libev watchers and
+        non-blocking recv/send), so the client is the bare C socket
+        (``_socket.socket``); ``_close_client`` closes it.
+        """
+        accept = self.socket._accept  # the OS-level listener (non-blocking: gevent unwraps it at start)
+        family = self.family
+        accepted = False
+        for _ in range(self.max_accept):
+            if self.open_count >= self.config.max_conns:  # full(): the backlog holds the next ones
+                self.stop_accepting()
+                break
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                break  # nobody else waiting
+            except OSError as exc:
+                if not self.accept_pause.handles(exc):  # out of descriptors: pause, no traceback
+                    self._accept_failed(self, read=True)
+                break
+            accepted = True
+            try:
+                client = _socket.socket(family, _stdsocket.SOCK_STREAM, 0, fd)  # family given: no getsockopt
+            except BaseException:
+                os.close(fd)
+                raise
+            self.open_count += 1
+            try:
+                client.setblocking(False)  # accept() does not pass O_NONBLOCK on; the hub must never wait
+                if self._nodelay_per_client:
+                    self._nodelay(client)
+                if self._from_hub:
+                    self._handle_in_hub(client, address)  # no greenlet at all: the common, unpooled case
+                else:
+                    StreamServer.do_handle(self, client, address)  # the pool may queue us: a handler greenlet
+            except Exception:
+                self._close_client(client)
+                self._accept_failed((address, self), read=False)
+                break
+        if accepted:
+            self.delay = self.min_delay  # as gevent: a successful accept ends the back-off
+
+    def _accept_failed(self, context: object, read: bool) -> None:
+        """gevent's handling of an unexpected accept (``read``) or start error: report, then back off or close."""
+        exc = sys.exc_info()[1]
+        self.loop.handle_error(context, *sys.exc_info())
+        if read and self.is_fatal_error(exc):
+            self.close()
+            sys.stderr.write("ERROR: %s failed with %s\n" % (self, str(exc) or repr(exc)))
+            return
+        if self.delay >= 0:
+            self.stop_accepting()
+            self._timer = self.loop.timer(self.delay)
+            self._timer.start(self._start_accepting_if_started)
+            self.delay = min(self.max_delay, self.delay * 2)
+
+    def _nodelay(self, client: _socket.socket) -> None:
+        """TCP_NODELAY for a client while we do not know that it comes from the listener."""
+        try:
+            if self._listener_nodelay and client.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY):
+                self._nodelay_per_client = False  # inherited (Linux): never again
+                return
+            self._listener_nodelay = False  # not inherited here: set it on each client, without asking
+            client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the client is already gone: the first read will say so
+
     def do_handle(self, client: socket, address: tuple) -> None:
-        """In the accept callback: connect from here, or spawn ``handle`` when that may wait."""
+        """gevent's hook (our accept callback does this itself): connect from here, or spawn ``handle``."""
         self.open_count += 1
-        self._all_closed.clear()
         try:
             if self._from_hub:
-                self._handle_in_hub(client, address)  # no greenlet at all: the common, unpooled case
+                self._handle_in_hub(client, address)
             else:
-                super().do_handle(client, address)  # the pool may queue us: a handler greenlet
+                super().do_handle(client, address)
         except BaseException:
             self._close_client(client)
             raise
@@ -154,10 +236,6 @@ class Proxy(StreamServer):
 
     def _accepted(self, client: socket, address: tuple) -> tuple[str, float]:
         self.stats.connection_opened()
-        try:
-            client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # the client is already gone: the first read will say so
         return _peer(address), time.monotonic()
 
     def _no_upstream(self, client: socket, peer: str, started: float, exc: UpstreamError) -> None:
@@ -245,6 +323,11 @@ class Proxy(StreamServer):
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until every client is closed; False if ``timeout`` ran out first."""
+        if self.open_count <= 0:
+            return True
+        # Cleared here, by a waiter, not at each accept (a call per client); the
+        # close that brings the count to 0 sets it.
+        self._all_closed.clear()
         return self._all_closed.wait(timeout)
 
     def close_sessions(self) -> None:
