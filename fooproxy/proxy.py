@@ -8,6 +8,7 @@ import os
 import socket as _stdsocket
 import sys
 import time
+from functools import partial
 
 from gevent.event import Event
 from gevent.pool import Group
@@ -66,7 +67,8 @@ class Proxy(StreamServer):
         #: accept() out of descriptors: one warning per period, a short pause, no traceback.
         self.accept_pause = AcceptPause(self, log)
         self.sessions: set[DataBus] = set()
-        self.connecting: set[HubConnect] = set()
+        #: Upstream connects in progress (from the hub), by client.
+        self.connecting: dict[socket, HubConnect] = {}
         self.open_count = 0
         self._all_closed = Event()  # cleared by wait_closed, not per client (see there)
         self._all_closed.set()
@@ -187,64 +189,64 @@ class Proxy(StreamServer):
         """Called when ``handle`` returns: the session, not the handler, closes the client."""
 
     # -- per client --------------------------------------------------------------
+    # A client is known by its address tuple until a line is logged: the "host:port"
+    # string (``_peer``) is made only for the close line or a warning, not per client.
     def handle(self, client: socket, address: tuple) -> None:
         """Get an upstream for one client, in a greenlet, and start its session."""
-        peer, started = self._accepted(client, address)
+        self.stats.connection_opened()
+        started = time.monotonic()
         connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
         try:
             upstream = connector.acquire()
         except UpstreamError as exc:
-            self._no_upstream(client, peer, started, exc)
+            self._no_upstream(client, address, started, exc)
             return
         except BaseException:  # killed by the drain while waiting
-            self._close_client(client, peer, SHUT_DOWN, started)
+            self._close_client(client, address, SHUT_DOWN, started)
             raise
-        self._begin(client, peer, started, upstream, connector)
+        self._begin(client, address, started, upstream, connector)
 
     def _handle_in_hub(self, client: socket, address: tuple) -> None:
         """Start the client's upstream connect from the accept callback; the session starts when it reports."""
-        peer, started = self._accepted(client, address)
-        connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
-
-        pending: list[HubConnect] = []  # the HubConnect may report before it is returned to us
-
-        def connected(upstream: socket | None, exc: UpstreamError | None) -> None:
-            if pending:
-                self.connecting.discard(pending[0])
-            try:
-                if upstream is not None:
-                    self._begin(client, peer, started, upstream, connector)
-                elif exc is not None:
-                    self._no_upstream(client, peer, started, exc)
-                else:  # cancelled by the drain
-                    self._close_client(client, peer, SHUT_DOWN, started)
-            except Exception:  # a bug: in the hub nobody else would close this client
-                log.exception("%s: starting the session failed", peer)
-                if upstream is not None:
-                    upstream.close()
-                self._close_client(client, peer, INTERNAL, started)
-
-        try:
-            connect = connector.connect_from_hub(connected)
-        except Exception:  # not a connect failure (those are reported): a bug, said once here
-            log.exception("%s: cannot start the upstream connect", peer)
-            self._close_client(client, peer, INTERNAL, started)
-            return
-        if not connect.finished:
-            pending.append(connect)
-            self.connecting.add(connect)
-
-    def _accepted(self, client: socket, address: tuple) -> tuple[str, float]:
         self.stats.connection_opened()
-        return _peer(address), time.monotonic()
+        started = time.monotonic()
+        connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
+        # The report goes to a bound method with the client's facts bound (a C-level
+        # partial), not to a closure: one Python frame less per client.
+        done = partial(self._upstream_reported, client, address, started, connector)
+        try:
+            connect = connector.connect_from_hub(done)
+        except Exception:  # not a connect failure (those are reported): a bug, said once here
+            log.exception("%s: cannot start the upstream connect", _peer(address))
+            self._close_client(client, address, INTERNAL, started)
+            return
+        if not connect.finished:  # it may have reported already (a connect on this machine usually has)
+            self.connecting[client] = connect
 
-    def _no_upstream(self, client: socket, peer: str, started: float, exc: UpstreamError) -> None:
+    def _upstream_reported(self, client: socket, address: tuple, started: float, connector: Connector,
+                           upstream: socket | None, exc: UpstreamError | None) -> None:  # fmt: skip
+        """``_handle_in_hub``'s connect reported, in the hub: start the session, or close the client."""
+        self.connecting.pop(client, None)
+        try:
+            if upstream is not None:
+                self._begin(client, address, started, upstream, connector)
+            elif exc is not None:
+                self._no_upstream(client, address, started, exc)
+            else:  # cancelled by the drain
+                self._close_client(client, address, SHUT_DOWN, started)
+        except Exception:  # a bug: in the hub nobody else would close this client
+            log.exception("%s: starting the session failed", _peer(address))
+            if upstream is not None:
+                upstream.close()
+            self._close_client(client, address, INTERNAL, started)
+
+    def _no_upstream(self, client: socket, address: tuple, started: float, exc: UpstreamError) -> None:
         self.stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
         # Keyed by reason, so a burst of one does not hide the first report of the other.
-        self.upstream_warnings.warn(exc.reason, "%s: %s" % (peer, exc))
-        self._close_client(client, peer, exc.reason, started)
+        self.upstream_warnings.warn(exc.reason, "%s: %s" % (_peer(address), exc))
+        self._close_client(client, address, exc.reason, started)
 
-    def _begin(self, client: socket, peer: str, started: float, upstream: socket, connector: Connector) -> None:
+    def _begin(self, client: socket, address: tuple, started: float, upstream: socket, connector: Connector) -> None:
         config = self.config
         try:
             bus = DataBus(
@@ -259,33 +261,37 @@ class Proxy(StreamServer):
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             connector.release(upstream, False)
-            self._close_client(client, peer, "error: %s" % exc, started)
+            self._close_client(client, address, "error: %s" % exc, started)
             return
         self.sessions.add(bus)
-        # The client's address, accept time and connector stay here, in the end callback's closure.
-        bus.start(lambda bus: self._session_ended(bus, peer, started, connector))
+        # The client's address, accept time and connector stay here, bound into the end
+        # callback (a partial, not a lambda: no extra Python frame when it is called).
+        bus.start(partial(self._session_ended, address, started, connector))
 
-    def _session_ended(self, bus: DataBus, peer: str, started: float, connector: Connector) -> None:
+    def _session_ended(self, address: tuple, started: float, connector: Connector, bus: DataBus) -> None:
         """DataBus end callback, in the hub: release the upstream (to its own connector), close the client."""
         self.sessions.discard(bus)
         try:
             connector.release(bus.upstream, bus.clean)
         except Exception:  # a bug of ours: the client is still closed and counted below
-            log.exception("%s: releasing the upstream failed", peer)
+            log.exception("%s: releasing the upstream failed", _peer(address))
             bus.upstream.close()
             bus.ending = INTERNAL
-        self._close_client(bus.client, peer, bus.ending, started, bus)
+        self._close_client(bus.client, address, bus.ending, started, bus)
 
-    def _close_client(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
-                bus: DataBus | None = None) -> None:  # fmt: skip
-        """Close one client and do its accounting: gauge, close line, open count, resume accepting."""
+    def _close_client(self, client: socket, address: tuple | None = None, how: str | None = None,
+                      started: float = 0.0, bus: DataBus | None = None) -> None:  # fmt: skip
+        """Close one client and do its accounting: gauge, close line, open count, resume accepting.
+
+        ``address`` None: a client not counted as opened yet (closed on the way in).
+        """
         client.close()
         if how == INTERNAL:
             self.stats.internal_error()
-        if peer:
+        if address is not None:
             self.stats.connection_closed()
             if log.isEnabledFor(logging.INFO):
-                _log_close(peer, how or "?", time.monotonic() - started, bus)
+                _log_close(_peer(address), how or "?", time.monotonic() - started, bus)
         self.open_count -= 1
         if self.open_count <= 0:
             self._all_closed.set()
@@ -333,7 +339,7 @@ class Proxy(StreamServer):
     def close_sessions(self) -> None:
         """End every session and handler now (the grace period is over)."""
         self.handlers.kill(timeout=1)
-        for connect in list(self.connecting):
+        for connect in list(self.connecting.values()):
             connect.cancel()
         for bus in list(self.sessions):
             bus.abort()

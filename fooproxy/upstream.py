@@ -107,16 +107,12 @@ class Connector:
     def connect_from_hub(self, done: Callable[[socket.socket | None, UpstreamError | None], None]) -> HubConnect:
         """Start a connect from the hub: ``done(sock, None)``, ``done(None, error)``, or ``done(None, None)``
         if cancelled."""
-        started, timer = time.monotonic(), self.connect_timer
-
-        def report(sock: socket.socket | None, exc: OSError | None) -> None:
-            if sock is not None and timer is not None:
-                timer(time.monotonic() - started)
-            done(sock, exc and self.failure(exc))
-
+        # The HubConnect times the connect and makes the error itself (``on_time``,
+        # ``failure``): no closure per client, and one Python frame less per report.
         if self._targets is None:  # never resolved: the HubConnect resolves first, in a greenlet
-            return HubConnect(None, self.connect_timeout, report, resolve=self.targets)
-        return HubConnect(self._targets, self.connect_timeout, report)
+            return HubConnect(None, self.connect_timeout, done, resolve=self.targets, on_time=self.connect_timer,
+                              failure=self.failure)  # fmt: skip
+        return HubConnect(self._targets, self.connect_timeout, done, on_time=self.connect_timer, failure=self.failure)
 
     def failure(self, exc: OSError) -> UpstreamError:
         """The ``UpstreamError`` a failed connect is reported as."""
@@ -176,10 +172,14 @@ class HubConnect:
     gevent one: wrap it to do blocking I/O) or ``done(None, last_error)`` exactly once (possibly
     before the constructor returns). ``cancel()`` stops it and calls
     ``done(None, None)``. Given no targets but ``resolve``, it first resolves
-    in a greenlet (a lookup may block; the hub must not).
+    in a greenlet (a lookup may block; the hub must not). ``on_time(seconds)``
+    is told how long a successful connect took (from the constructor on), and a
+    failure is reported as ``failure(error)`` when given (a ``Connector``'s
+    ``UpstreamError``).
     """
 
-    __slots__ = ("targets", "timeout", "done", "sock", "watcher", "timer", "last", "resolver")
+    __slots__ = ("targets", "timeout", "done", "sock", "watcher", "timer", "last", "resolver", "on_time", "started",
+                 "failure")  # fmt: skip
 
     def __init__(
         self,
@@ -187,7 +187,12 @@ class HubConnect:
         timeout: float,
         done: Callable,
         resolve: Callable[[], list[tuple]] | None = None,
+        on_time: Callable[[float], None] | None = None,
+        failure: Callable[[OSError], OSError] | None = None,
     ) -> None:
+        self.on_time = on_time
+        self.started = time.monotonic() if on_time is not None else 0.0
+        self.failure = failure
         self.targets = list(targets or ())
         self.timeout = timeout
         self.done: Callable | None = done
@@ -291,9 +296,14 @@ class HubConnect:
             return
         self._report(sock, None)
 
-    def _report(self, sock: socket.socket | None, exc: OSError | None) -> None:
+    def _report(self, sock: _socket.socket | None, exc: OSError | None) -> None:
         done, self.done = self.done, None
         if done is not None:
+            if sock is not None:
+                if self.on_time is not None:
+                    self.on_time(time.monotonic() - self.started)
+            elif exc is not None and self.failure is not None:
+                exc = self.failure(exc)
             done(sock, exc)
 
     def _stop(self) -> None:
