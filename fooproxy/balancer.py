@@ -110,12 +110,12 @@ class Upstream:
         if self.passive_since is not None:
             self.passive_since = None
             log.info("upstream %s is back in rotation (a client connected)", self.name)
+            self.publish()  # the only change of ``up`` a connect makes (the checker publishes its own)
         self.active += 1
         self.total += 1
         stats = self.balancer.stats
         stats.add_upstream(self.entry, "sessions_active")
         stats.add_upstream(self.entry, "sessions_total")
-        self.publish()
 
     def released(self) -> None:
         self.active -= 1
@@ -179,6 +179,7 @@ class Balancer:
 
     def __init__(self, config: Config, stats: Stats, *, checks: bool | None = None) -> None:
         self.config = config
+        self._set_kind()
         self.stats = stats
         #: Health checks per upstream: with several upstreams, or when /health needs them (``-http``).
         self.checks = (len(config.forward) > 1 or config.http is not None) if checks is None else checks
@@ -193,13 +194,10 @@ class Balancer:
             upstream.publish()
 
     # -- Connector interface ------------------------------------------------------
-    @property
-    def connects_from_hub(self) -> bool:  # type: ignore[override]
-        return self.config.pool_size <= 0
-
-    @property
-    def reuses(self) -> bool:
-        return self.config.pool_size > 0
+    def _set_kind(self) -> None:
+        # Plain attributes, not properties: the Proxy reads ``reuses`` per session.
+        self.connects_from_hub = self.config.pool_size <= 0
+        self.reuses = self.config.pool_size > 0
 
     def prepare(self) -> None:
         """Resolve every upstream now and start the health checks (the Proxy calls this at start)."""
@@ -267,6 +265,10 @@ class Balancer:
             return None
         if not tried:
             self._cursor += 1  # one step per session, not per retry
+        upstreams = self.upstreams
+        if len(upstreams) == 1:  # the common case: the one upstream, up or not (panic), without the sorting
+            only = upstreams[0]
+            return only if only not in tried else None
         for upstream in self._order():  # healthy ones first; the others only when no healthy one is left
             if upstream not in tried:
                 return upstream
@@ -357,6 +359,7 @@ class Balancer:
         """
         old = self.config
         self.config = new
+        self._set_kind()
         if not self.checks and (len(new.forward) > 1 or new.http is not None):
             self.checks = True
         kept = {u.name: u for u in self.upstreams}
@@ -453,7 +456,8 @@ class FailoverConnect:
         upstream, connector = self.upstream, self.connector
         assert upstream is not None and connector is not None
         if sock is not None:
-            self._report(self.balancer._lease(sock, upstream, connector), None)
+            done, self.done = self.done, None  # _report, inlined on the path every session takes
+            done(self.balancer._lease(sock, upstream, connector), None)
         elif exc is not None:
             self.balancer._failed(upstream, exc, self.errors)
             self._next()

@@ -110,7 +110,7 @@ class AcceptPause:
 
     gevent's own handling prints a full traceback for each failed accept, one
     per waiting client, and retries with a backoff of up to 1 s. Here the
-    server (whose ``do_read`` calls ``handles``) stops watching its listener,
+    server (whose accept callback calls ``handles``) stops watching its listener,
     says so once per period with a count (``RepeatFilter``), and looks again
     after ``MIN_DELAY``, doubling up to ``MAX_DELAY`` while it keeps failing
     (10 tries a second at most, back to ``MIN_DELAY`` after a second without

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import _socket
 import logging
+import os
 import socket as _stdsocket
+import sys
 import time
+from functools import partial
 
 from gevent.event import Event
 from gevent.pool import Group
@@ -63,10 +67,21 @@ class Proxy(StreamServer):
         #: accept() out of descriptors: one warning per period, a short pause, no traceback.
         self.accept_pause = AcceptPause(self, log)
         self.sessions: set[DataBus] = set()
-        self.connecting: set[HubConnect] = set()
+        #: Upstream connects in progress (from the hub), by client.
+        self.connecting: dict[socket, HubConnect] = {}
         self.open_count = 0
-        self._all_closed = Event()
+        self._all_closed = Event()  # cleared by wait_closed, not per client (see there)
         self._all_closed.set()
+        # TCP_NODELAY once, on the listener: Linux copies it into every socket
+        # accept() returns (tested: tests/integration/test_proxy.py), which saves a
+        # setsockopt per client. Whether this kernel does is asked of the first
+        # client (``_nodelay``); where it does not, each client gets its own.
+        self._nodelay_per_client = True
+        try:
+            listener.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            self._listener_nodelay = True
+        except OSError:
+            self._listener_nodelay = False
         # Decided once: the connector's kind does not change while we serve.
         self._from_hub = connector.connects_from_hub
         connector.prepare()
@@ -75,28 +90,97 @@ class Proxy(StreamServer):
     def full(self) -> bool:
         return self.open_count >= self.config.max_conns
 
-    def do_read(self):
-        """Accept one client; out of descriptors (EMFILE), pause instead of gevent's traceback."""
-        try:
-            return super().do_read()
-        except OSError as exc:
-            if not self.accept_pause.handles(exc):
-                raise
-            return None
+    def start_accepting(self) -> None:
+        """Watch the listener with our own accept callback, ``_accept_ready`` (not gevent's ``_do_read``)."""
+        if self._watcher is None:
+            self._watcher = self.loop.io(self.socket.fileno(), 1)
+            self._watcher.start(self._accept_ready)
 
     def stop_accepting(self) -> None:
         super().stop_accepting()
         self.accept_pause.cancel()
 
+    def _accept_ready(self) -> None:
+        """The listener's io callback, in the hub: accept up to ``max_accept`` clients and start each.
+
+        This replaces gevent's ``_do_read`` -> ``do_read`` -> ``do_handle`` chain,
+        with the same admission, error handling and back-off, for what it cost per
+        client: gevent wraps each accepted fd in a gevent socket (a Python
+        ``__init__``, and later a Python close path), and goes through three more
+        Python frames. A session only needs the fd (its libev watchers and
+        non-blocking recv/send), so the client is the bare C socket
+        (``_socket.socket``); ``_close_client`` closes it.
+        """
+        accept = self.socket._accept  # the OS-level listener (non-blocking: gevent unwraps it at start)
+        family = self.family
+        accepted = False
+        for _ in range(self.max_accept):
+            if self.open_count >= self.config.max_conns:  # full(): the backlog holds the next ones
+                self.stop_accepting()
+                break
+            try:
+                fd, address = accept()
+            except BlockingIOError:
+                break  # nobody else waiting
+            except OSError as exc:
+                if not self.accept_pause.handles(exc):  # out of descriptors: pause, no traceback
+                    self._accept_failed(self, read=True)
+                break
+            accepted = True
+            try:
+                client = _socket.socket(family, _stdsocket.SOCK_STREAM, 0, fd)  # family given: no getsockopt
+            except BaseException:
+                os.close(fd)
+                raise
+            self.open_count += 1
+            try:
+                client.setblocking(False)  # accept() does not pass O_NONBLOCK on; the hub must never wait
+                if self._nodelay_per_client:
+                    self._nodelay(client)
+                if self._from_hub:
+                    self._handle_in_hub(client, address)  # no greenlet at all: the common, unpooled case
+                else:
+                    StreamServer.do_handle(self, client, address)  # the pool may queue us: a handler greenlet
+            except Exception:
+                self._close_client(client)
+                self._accept_failed((address, self), read=False)
+                break
+        if accepted:
+            self.delay = self.min_delay  # as gevent: a successful accept ends the back-off
+
+    def _accept_failed(self, context: object, read: bool) -> None:
+        """gevent's handling of an unexpected accept (``read``) or start error: report, then back off or close."""
+        exc = sys.exc_info()[1]
+        self.loop.handle_error(context, *sys.exc_info())
+        if read and self.is_fatal_error(exc):
+            self.close()
+            sys.stderr.write("ERROR: %s failed with %s\n" % (self, str(exc) or repr(exc)))
+            return
+        if self.delay >= 0:
+            self.stop_accepting()
+            self._timer = self.loop.timer(self.delay)
+            self._timer.start(self._start_accepting_if_started)
+            self.delay = min(self.max_delay, self.delay * 2)
+
+    def _nodelay(self, client: _socket.socket) -> None:
+        """TCP_NODELAY for a client while we do not know that it comes from the listener."""
+        try:
+            if self._listener_nodelay and client.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY):
+                self._nodelay_per_client = False  # inherited (Linux): never again
+                return
+            self._listener_nodelay = False  # not inherited here: set it on each client, without asking
+            client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # the client is already gone: the first read will say so
+
     def do_handle(self, client: socket, address: tuple) -> None:
-        """In the accept callback: connect from here, or spawn ``handle`` when that may wait."""
+        """gevent's hook (our accept callback does this itself): connect from here, or spawn ``handle``."""
         self.open_count += 1
-        self._all_closed.clear()
         try:
             if self._from_hub:
-                self._handle_in_hub(client, address)  # no greenlet at all: the common, unpooled case
+                self._handle_in_hub(client, address)
             else:
-                super().do_handle(client, address)  # the pool may queue us: a handler greenlet
+                super().do_handle(client, address)
         except BaseException:
             self._close_client(client)
             raise
@@ -105,68 +189,64 @@ class Proxy(StreamServer):
         """Called when ``handle`` returns: the session, not the handler, closes the client."""
 
     # -- per client --------------------------------------------------------------
+    # A client is known by its address tuple until a line is logged: the "host:port"
+    # string (``_peer``) is made only for the close line or a warning, not per client.
     def handle(self, client: socket, address: tuple) -> None:
         """Get an upstream for one client, in a greenlet, and start its session."""
-        peer, started = self._accepted(client, address)
+        self.stats.connection_opened()
+        started = time.monotonic()
         connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
         try:
             upstream = connector.acquire()
         except UpstreamError as exc:
-            self._no_upstream(client, peer, started, exc)
+            self._no_upstream(client, address, started, exc)
             return
         except BaseException:  # killed by the drain while waiting
-            self._close_client(client, peer, SHUT_DOWN, started)
+            self._close_client(client, address, SHUT_DOWN, started)
             raise
-        self._begin(client, peer, started, upstream, connector)
+        self._begin(client, address, started, upstream, connector)
 
     def _handle_in_hub(self, client: socket, address: tuple) -> None:
         """Start the client's upstream connect from the accept callback; the session starts when it reports."""
-        peer, started = self._accepted(client, address)
-        connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
-
-        pending: list[HubConnect] = []  # the HubConnect may report before it is returned to us
-
-        def connected(upstream: socket | None, exc: UpstreamError | None) -> None:
-            if pending:
-                self.connecting.discard(pending[0])
-            try:
-                if upstream is not None:
-                    self._begin(client, peer, started, upstream, connector)
-                elif exc is not None:
-                    self._no_upstream(client, peer, started, exc)
-                else:  # cancelled by the drain
-                    self._close_client(client, peer, SHUT_DOWN, started)
-            except Exception:  # a bug: in the hub nobody else would close this client
-                log.exception("%s: starting the session failed", peer)
-                if upstream is not None:
-                    upstream.close()
-                self._close_client(client, peer, INTERNAL, started)
-
-        try:
-            connect = connector.connect_from_hub(connected)
-        except Exception:  # not a connect failure (those are reported): a bug, said once here
-            log.exception("%s: cannot start the upstream connect", peer)
-            self._close_client(client, peer, INTERNAL, started)
-            return
-        if not connect.finished:
-            pending.append(connect)
-            self.connecting.add(connect)
-
-    def _accepted(self, client: socket, address: tuple) -> tuple[str, float]:
         self.stats.connection_opened()
+        started = time.monotonic()
+        connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
+        # The report goes to a bound method with the client's facts bound (a C-level
+        # partial), not to a closure: one Python frame less per client.
+        done = partial(self._upstream_reported, client, address, started, connector)
         try:
-            client.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # the client is already gone: the first read will say so
-        return _peer(address), time.monotonic()
+            connect = connector.connect_from_hub(done)
+        except Exception:  # not a connect failure (those are reported): a bug, said once here
+            log.exception("%s: cannot start the upstream connect", _peer(address))
+            self._close_client(client, address, INTERNAL, started)
+            return
+        if not connect.finished:  # it may have reported already (a connect on this machine usually has)
+            self.connecting[client] = connect
 
-    def _no_upstream(self, client: socket, peer: str, started: float, exc: UpstreamError) -> None:
+    def _upstream_reported(self, client: socket, address: tuple, started: float, connector: Connector,
+                           upstream: socket | None, exc: UpstreamError | None) -> None:  # fmt: skip
+        """``_handle_in_hub``'s connect reported, in the hub: start the session, or close the client."""
+        self.connecting.pop(client, None)
+        try:
+            if upstream is not None:
+                self._begin(client, address, started, upstream, connector)
+            elif exc is not None:
+                self._no_upstream(client, address, started, exc)
+            else:  # cancelled by the drain
+                self._close_client(client, address, SHUT_DOWN, started)
+        except Exception:  # a bug: in the hub nobody else would close this client
+            log.exception("%s: starting the session failed", _peer(address))
+            if upstream is not None:
+                upstream.close()
+            self._close_client(client, address, INTERNAL, started)
+
+    def _no_upstream(self, client: socket, address: tuple, started: float, exc: UpstreamError) -> None:
         self.stats.upstream_error()  # pool exhaustion too: either way the client got no upstream
         # Keyed by reason, so a burst of one does not hide the first report of the other.
-        self.upstream_warnings.warn(exc.reason, "%s: %s" % (peer, exc))
-        self._close_client(client, peer, exc.reason, started)
+        self.upstream_warnings.warn(exc.reason, "%s: %s" % (_peer(address), exc))
+        self._close_client(client, address, exc.reason, started)
 
-    def _begin(self, client: socket, peer: str, started: float, upstream: socket, connector: Connector) -> None:
+    def _begin(self, client: socket, address: tuple, started: float, upstream: socket, connector: Connector) -> None:
         config = self.config
         try:
             bus = DataBus(
@@ -181,33 +261,37 @@ class Proxy(StreamServer):
             )
         except (OSError, ValueError) as exc:  # a socket closed under us (no fd to watch)
             connector.release(upstream, False)
-            self._close_client(client, peer, "error: %s" % exc, started)
+            self._close_client(client, address, "error: %s" % exc, started)
             return
         self.sessions.add(bus)
-        # The client's address, accept time and connector stay here, in the end callback's closure.
-        bus.start(lambda bus: self._session_ended(bus, peer, started, connector))
+        # The client's address, accept time and connector stay here, bound into the end
+        # callback (a partial, not a lambda: no extra Python frame when it is called).
+        bus.start(partial(self._session_ended, address, started, connector))
 
-    def _session_ended(self, bus: DataBus, peer: str, started: float, connector: Connector) -> None:
+    def _session_ended(self, address: tuple, started: float, connector: Connector, bus: DataBus) -> None:
         """DataBus end callback, in the hub: release the upstream (to its own connector), close the client."""
         self.sessions.discard(bus)
         try:
             connector.release(bus.upstream, bus.clean)
         except Exception:  # a bug of ours: the client is still closed and counted below
-            log.exception("%s: releasing the upstream failed", peer)
+            log.exception("%s: releasing the upstream failed", _peer(address))
             bus.upstream.close()
             bus.ending = INTERNAL
-        self._close_client(bus.client, peer, bus.ending, started, bus)
+        self._close_client(bus.client, address, bus.ending, started, bus)
 
-    def _close_client(self, client: socket, peer: str = "", how: str | None = None, started: float = 0.0,
-                bus: DataBus | None = None) -> None:  # fmt: skip
-        """Close one client and do its accounting: gauge, close line, open count, resume accepting."""
+    def _close_client(self, client: socket, address: tuple | None = None, how: str | None = None,
+                      started: float = 0.0, bus: DataBus | None = None) -> None:  # fmt: skip
+        """Close one client and do its accounting: gauge, close line, open count, resume accepting.
+
+        ``address`` None: a client not counted as opened yet (closed on the way in).
+        """
         client.close()
         if how == INTERNAL:
             self.stats.internal_error()
-        if peer:
+        if address is not None:
             self.stats.connection_closed()
             if log.isEnabledFor(logging.INFO):
-                _log_close(peer, how or "?", time.monotonic() - started, bus)
+                _log_close(_peer(address), how or "?", time.monotonic() - started, bus)
         self.open_count -= 1
         if self.open_count <= 0:
             self._all_closed.set()
@@ -245,12 +329,17 @@ class Proxy(StreamServer):
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Wait until every client is closed; False if ``timeout`` ran out first."""
+        if self.open_count <= 0:
+            return True
+        # Cleared here, by a waiter, not at each accept (a call per client); the
+        # close that brings the count to 0 sets it.
+        self._all_closed.clear()
         return self._all_closed.wait(timeout)
 
     def close_sessions(self) -> None:
         """End every session and handler now (the grace period is over)."""
         self.handlers.kill(timeout=1)
-        for connect in list(self.connecting):
+        for connect in list(self.connecting.values()):
             connect.cancel()
         for bus in list(self.sessions):
             bus.abort()

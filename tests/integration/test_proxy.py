@@ -275,3 +275,47 @@ def test_a_client_that_does_not_read_holds_back_the_server_not_the_proxy(mini_se
     assert lines == [b"ACK %d ok" % i for i in range(n)]
     assert wait_until(lambda: totals(d)["msg_ack"] == n and totals(d)["msg_req"] == n)
     c.close()
+
+
+def test_accepted_sockets_inherit_tcp_nodelay_from_the_listener():
+    """The kernel behaviour the proxy's accept counts on (Linux): TCP_NODELAY set on a
+    listener is set on every socket it accepts, over IPv4 and IPv6 alike."""
+    nodelay = (_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY)
+    for family, host in ((_stdsocket.AF_INET, "127.0.0.1"), (_stdsocket.AF_INET6, "::1")):
+        for on in (1, 0):
+            with _stdsocket.socket(family, _stdsocket.SOCK_STREAM) as listener:
+                listener.setsockopt(*nodelay, on)
+                listener.bind((host, 0))
+                listener.listen(4)
+                with _stdsocket.create_connection(listener.getsockname()[:2], timeout=5):
+                    accepted, _ = listener.accept()
+                    with accepted:
+                        assert bool(accepted.getsockopt(*nodelay)) == bool(on), (family, on)
+
+
+def _sessions_have_nodelay(srv, d, clients: int = 3) -> None:
+    nodelay = (_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY)
+    for i in range(clients):
+        c = connect(d.address)
+        assert wait_until(lambda: d.proxy.sessions)
+        bus = next(iter(d.proxy.sessions))
+        assert bus.client.getsockopt(*nodelay) and bus.upstream.getsockopt(*nodelay), i
+        c.sendall(b"REQ %d a\n" % i)
+        assert read_lines(c, 1) == [b"ACK %d ok" % i]
+        c.close()
+        assert wait_until(lambda: not d.proxy.sessions)
+
+
+def test_clients_get_tcp_nodelay_from_the_listener_without_a_setsockopt_each(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    _sessions_have_nodelay(srv, d)
+    assert not d.proxy._nodelay_per_client  # learned from the first client: inherited, never set again
+
+
+def test_clients_get_tcp_nodelay_each_where_the_listener_does_not_pass_it_on(mini_server, proxy_for):
+    srv = mini_server()
+    d = proxy_for(srv.address)
+    d.proxy.socket.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 0)  # as a kernel that does not copy it
+    _sessions_have_nodelay(srv, d)
+    assert d.proxy._nodelay_per_client

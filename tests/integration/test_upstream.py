@@ -8,6 +8,7 @@ import time
 
 import gevent
 import pytest
+from gevent import socket as gsocket
 from gevent.event import Event
 
 from fooproxy.config import Address
@@ -62,8 +63,10 @@ def test_dial_connects_and_the_socket_works(mini_server):
     srv = mini_server()
     got = Reports()
     HubConnect(_targets(srv.address), 2.0, got)
-    sock, exc = got.one()
-    assert exc is None and sock.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY)
+    raw, exc = got.one()
+    assert exc is None and raw.getsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY)
+    assert raw.gettimeout() == 0.0  # the bare OS socket, non-blocking: it never waits in the hub
+    sock = gsocket.socket(raw.family, raw.type, fileno=raw.detach())  # cooperative, for the exchange
     sock.sendall(b"REQ 1 a\n")
     assert read_lines(sock, 1) == [b"ACK 1 ok"]
     sock.close()
@@ -144,8 +147,9 @@ def test_an_unresolved_name_is_looked_up_in_a_greenlet_then_dialled(mini_server)
     got = Reports()
     dial = conn.connect_from_hub(got)
     assert dial.resolver is not None and not dial.finished
-    sock, exc = got.one()
+    raw, exc = got.one()
     assert exc is None
+    sock = gsocket.socket(raw.family, raw.type, fileno=raw.detach())
     sock.sendall(b"REQ 1 a\n")
     assert read_lines(sock, 1) == [b"ACK 1 ok"]
     sock.close()
