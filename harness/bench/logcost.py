@@ -2,7 +2,7 @@
 
 A benchmark, not a test. Each figure is measured in a child process that
 starts as ``fooproxy`` does (``fooproxy.__main__`` monkey-patches first, then
-``setup_logging`` puts the real handler and formatter on the root logger),
+``fooproxy.logsetup.setup_logging`` puts the real handler and formatter on the root logger),
 with the handler's stream on ``/dev/null``. Two things are timed per format:
 
 * ``call``: the whole close line, ``fooproxy.proxy._log_close(...)`` as the
@@ -58,7 +58,7 @@ def child(log_format: str, mode: str, calls: int, repeat: int) -> list[float]:
     from types import SimpleNamespace
 
     from fooproxy import proxy
-    from fooproxy.__main__ import setup_logging  # CHILD imported it first: monkey-patched, as fooproxy is
+    from fooproxy.logsetup import setup_logging  # CHILD imported fooproxy.__main__ first: patched as fooproxy is
 
     stream = open("/dev/null", "w")  # noqa: SIM115 (open for the whole child)
     setup_logging("info", log_format, stream)

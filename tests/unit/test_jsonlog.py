@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from fooproxy import proxy
-from fooproxy.__main__ import log_formatter
+from fooproxy.logsetup import log_formatter
 
 BUS = SimpleNamespace(bytes_c2s=30, bytes_s2c=18, lines_c2s=3, lines_s2c=3, timer=SimpleNamespace(max_s=0.0012345))
 
