@@ -614,6 +614,39 @@ bucket_of(double seconds)
     return lo;
 }
 
+/* The head was answered in full: Timer.next() when something is owed behind it.  For
+ * latency.Timer's list of (when, reqs, others) tuples, done here: fifo.pop(0) into the head
+ * slots, without a Python call per entry (pipelined traffic takes one per chunk of REQs). */
+static int
+timer_next(PyObject *timer)
+{
+    PyObject *fifo = get_attr(timer, s_fifo);
+    if (fifo == NULL)
+        return -1;
+    int more = PyObject_IsTrue(fifo);
+    if (more <= 0) {
+        Py_DECREF(fifo);
+        return more;
+    }
+    PyObject *e = PyList_CheckExact(fifo) ? PyList_GET_ITEM(fifo, 0) : NULL;
+    if (Py_TYPE(timer) != timer_type || e == NULL || !PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3) {
+        Py_DECREF(fifo);
+        PyObject *r = PyObject_CallMethodNoArgs(timer, s_next);
+        Py_XDECREF(r);
+        return r ? 0 : -1;
+    }
+    Py_INCREF(e);
+    int rc = PySequence_DelItem(fifo, 0);
+    Py_DECREF(fifo);
+    for (int k = 0; k < 3 && rc == 0; k++) {
+        PyObject *v = PyTuple_GET_ITEM(e, k);
+        Py_INCREF(v);
+        rc = set_attr(timer, k == 0 ? s_head_t : k == 1 ? s_head_r : s_head_o, v);
+    }
+    Py_DECREF(e);
+    return rc;
+}
+
 /* The s2c answer to the timer's head, as Stats.record inlines it. */
 static int
 answer_head(Flow *self, const counts_t *c, long long resp, long long owed, double now)
@@ -625,21 +658,8 @@ answer_head(Flow *self, const counts_t *c, long long resp, long long owed, doubl
     double seconds = now - head_t;
     if (set_ll(timer, s_head_r, owed - resp) < 0)
         return -1;
-    if (resp == owed) {
-        PyObject *fifo = get_attr(timer, s_fifo);
-        if (fifo == NULL)
-            return -1;
-        int more = PyObject_IsTrue(fifo);
-        Py_DECREF(fifo);
-        if (more < 0)
-            return -1;
-        if (more) {
-            PyObject *r = PyObject_CallMethodNoArgs(timer, s_next);
-            if (r == NULL)
-                return -1;
-            Py_DECREF(r);
-        }
-    }
+    if (resp == owed && timer_next(timer) < 0)
+        return -1;
     if (get_d(timer, s_max_s, &max_s) < 0)
         return -1;
     if (seconds > max_s && set_d(timer, s_max_s, seconds) < 0)
@@ -677,6 +697,33 @@ answer_head(Flow *self, const counts_t *c, long long resp, long long owed, doubl
 done:
     Py_DECREF(pending);
     return rc;
+}
+
+/* Answers of one kind (all ACK or all NAK) that take more than the head: the head, then each
+ * entry behind it in turn (Timer.next), one latency each, as Timer.answered takes them.  What
+ * an entry of other lines would take, or what is left when nothing is owed, goes to
+ * Timer.answered itself.  Pipelined traffic (W1) lands here whenever a chunk of answers
+ * crosses from one chunk of REQs to the next. */
+static int
+answer_entries(Flow *self, const counts_t *c, long long resp, PyObject **data, const unsigned char *buf,
+               Py_ssize_t n, double now)
+{
+    long long left = resp;
+    while (left > 0) {
+        long long head_r, head_o;
+        if (get_ll(self->timer, s_head_r, &head_r) < 0 || get_ll(self->timer, s_head_o, &head_o) < 0)
+            return -1;
+        if (head_r == 0 || head_o != 0) {
+            counts_t rest = {0, c->ack ? left : 0, c->ack ? 0 : left, 0};
+            return call_timer(self, s_answered, &rest, data, buf, n, now);
+        }
+        long long take = left < head_r ? left : head_r;
+        counts_t part = {0, c->ack ? take : 0, c->ack ? 0 : take, 0};
+        if (answer_head(self, &part, take, head_r, now) < 0)
+            return -1;
+        left -= take;
+    }
+    return 0;
 }
 
 /* Stats.record(to_server, n, counts, timer, data, messages_cell), the same updates in the same order. */
@@ -771,6 +818,8 @@ record(Flow *self, const counts_t *c, const unsigned char *buf, Py_ssize_t n, Py
         goto fail;
     if (resp <= head_r && head_o == 0) /* all of them answer the head: one latency */
         rc = answer_head(self, c, resp, head_r, now);
+    else if (head_r > 0 && head_o == 0 && (c->ack == 0 || c->nak == 0)) /* the head and entries behind it */
+        rc = answer_entries(self, c, resp, data, buf, n, now);
     else
         rc = call_timer(self, s_answered, c, data, buf, n, now);
     goto done;

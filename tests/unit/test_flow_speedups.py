@@ -175,7 +175,15 @@ class Session:
         return {
             "block": bytes(self.stats.block.cast("B")),
             "pending_sec": self.stats._pending_sec,
-            "timer": (timer.head_t, timer.head_r, timer.head_o, list(timer.fifo), timer.max_s),
+            # head_t means nothing while nothing is owed: Timer.answered leaves the old head's
+            # time there, the C path the time of the last entry it took (answer_entries).
+            "timer": (
+                timer.head_t if timer.head_r or timer.head_o else None,
+                timer.head_r,
+                timer.head_o,
+                list(timer.fifo),
+                timer.max_s,
+            ),  # fmt: skip
             "flows": [(f.lines, f.nbytes, f.counter.pending) for f in (self.bus.c2s_flow, self.bus.s2c_flow)],
         }
 
@@ -216,3 +224,24 @@ def test_a_session_writes_the_same_cells_through_c_as_through_python(steps):
             flow.set_clock(None)
             py.close()
             c.close()
+
+
+_R = b"REQ 1 a\n"
+#: Pipelined: chunks of REQs sent at different times, then answers of one kind that cross from one
+#: chunk's REQs to the next (the C path's answer_entries), part of an entry, several entries, and
+#: more answers than were owed; then the same with an entry of other lines in the way.
+_PIPELINED = [
+    [(True, _R * 2, 0.001), (True, _R * 3, 0.002), (True, _R, 0.004), (False, b"NAK 1 x\n" * 3, 0.003),
+     (False, b"NAK 1 x\n" * 2, 0.0001), (False, b"NAK 1 x\n" * 3, 0.02)],
+    [(True, _R * 2, 0.001), (True, _R * 3, 0.002), (False, b"ACK 1 h\n" * 5, 0.003), (True, _R, 0.0),
+     (False, b"ACK 1 h\n" * 2, 0.6)],
+    [(True, _R * 2, 0.001), (True, b"bad\n", 0.002), (True, _R * 2, 0.002), (False, b"ACK 1 h\n" * 4, 0.003),
+     (False, b"ACK 1 h\n", 0.004)],
+]  # fmt: skip
+
+
+@needs_c
+@pytest.mark.parametrize("steps", _PIPELINED, ids=["nak-spans", "ack-spans-and-over", "other-lines-between"])
+def test_answers_that_cross_request_chunks_write_the_same_cells_through_c(steps):
+    """Answers of one kind taking the head and the entries behind it: the same latencies through C."""
+    test_a_session_writes_the_same_cells_through_c_as_through_python.hypothesis.inner_test(steps)
