@@ -155,6 +155,7 @@ class Timer:
                 fifo[0] = (when, r, o)
             else:
                 fifo.pop(0)
+                self.head_t = when  # where Timer.next would leave it, as the C path (answer_entries) does
         self._fold()
 
     def close(self) -> int:
