@@ -59,9 +59,8 @@ static struct {
 static PyObject *Counts, *ZERO, *ONE[4];  /* protocol.Counts and its prebuilt one-line values */
 static PyObject *fast_obj;                /* keeps L.fast alive */
 
-static PyObject *s_head_t, *s_head_r, *s_head_o, *s_fifo, *s_max_s, *s_sent, *s_answered,
-    *s_next, *s_pending, *s_pending_sec, *s_flush, *s_eof, *s_fail, *s_crashed, *s_start,
-    *s_stop, *s_close, *s_answers_delivered, *s_block, *s_append;
+static PyObject *s_sent, *s_answered, *s_next, *s_pending, *s_pending_sec, *s_flush, *s_eof, *s_fail,
+    *s_crashed, *s_start, *s_stop, *s_close, *s_answers_delivered, *s_block;
 
 static unsigned char rbuf[BUFSIZE]; /* one process, one hub thread: a chunk lives here until counted */
 
@@ -288,6 +287,197 @@ static PyTypeObject CounterType = {
     .tp_new = Counter_new,
 };
 
+/* -- TimerState and Pending: the latency state the hot path writes, as C values ---------- */
+/* latency.Timer's head and largest latency (and its FIFO) live in this base type when the
+ * extension is built, so that the hot path reads and writes doubles and integers in place:
+ * as Python objects in __slots__, each write allocated a float (the head's time per chunk of
+ * REQs) and each read went through a member descriptor.  latency.py's pure-Python base has
+ * the same five attributes as __slots__, and Timer's Python methods use either the same way. */
+typedef struct {
+    PyObject_HEAD
+    double head_t;           /* when the oldest owed chunk was sent */
+    long long head_r, head_o; /* its REQs and its other lines still owed */
+    double max_s;            /* the session's largest latency */
+    PyObject *fifo;          /* the owed entries behind the head: a list of (when, reqs, others) */
+} TimerState;
+
+static int
+TimerState_traverse(TimerState *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fifo);
+    return 0;
+}
+
+static int
+TimerState_clear(TimerState *self)
+{
+    Py_CLEAR(self->fifo);
+    return 0;
+}
+
+static void
+TimerState_dealloc(TimerState *self)
+{
+    PyObject_GC_UnTrack(self);
+    TimerState_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMemberDef TimerState_members[] = {
+    {"head_t", T_DOUBLE, offsetof(TimerState, head_t), 0, "When the oldest owed chunk was sent."},
+    {"head_r", T_LONGLONG, offsetof(TimerState, head_r), 0, "Its REQs still owed an answer."},
+    {"head_o", T_LONGLONG, offsetof(TimerState, head_o), 0, "Its other lines still owed an answer."},
+    {"max_s", T_DOUBLE, offsetof(TimerState, max_s), 0, "The session's largest latency, in seconds."},
+    {"fifo", T_OBJECT_EX, offsetof(TimerState, fifo), 0, "The owed entries behind the head, oldest first."},
+    {NULL}};
+
+static PyTypeObject TimerStateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fooproxy._flow.TimerState",
+    .tp_basicsize = sizeof(TimerState),
+    .tp_dealloc = (destructor)TimerState_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "latency.Timer's state as C values: the head, the largest latency and the FIFO.",
+    .tp_traverse = (traverseproc)TimerState_traverse,
+    .tp_clear = (inquiry)TimerState_clear,
+    .tp_members = TimerState_members,
+    .tp_new = PyType_GenericNew,
+};
+
+/* Stats._pending: latency counts not yet in the block, a fixed sequence of cells, the first
+ * `nint` integers (the ACK and NAK buckets) and the rest floats (the sums and the max).
+ * Stats.record's Python indexes it as it would its list; the C Flows add to the cells in
+ * place, where the list took a PyNumber_Add and an allocation per cell.  Stats.flush
+ * empties it with take(), in place, because the Flows keep a reference to it. */
+typedef union {
+    long long i;
+    double d;
+} cell_t;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n, nint;
+    cell_t *cells;
+} Pending;
+
+static PyObject *
+Pending_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *names[] = {"ints", "floats", NULL};
+    Py_ssize_t nint, nfloat;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "nn:Pending", names, &nint, &nfloat))
+        return NULL;
+    if (nint < 0 || nfloat < 0 || nint > 1 << 20 || nfloat > 1 << 20) {
+        PyErr_SetString(PyExc_ValueError, "Pending: ints and floats are counts of cells");
+        return NULL;
+    }
+    Pending *self = (Pending *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->cells = PyMem_Calloc(nint + nfloat ? nint + nfloat : 1, sizeof(cell_t));
+    if (self->cells == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    self->n = nint + nfloat;
+    self->nint = nint;
+    for (Py_ssize_t k = nint; k < self->n; k++)
+        self->cells[k].d = 0.0;
+    return (PyObject *)self;
+}
+
+static void
+Pending_dealloc(Pending *self)
+{
+    PyMem_Free(self->cells);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t
+Pending_len(Pending *self)
+{
+    return self->n;
+}
+
+static PyObject *
+Pending_item(Pending *self, Py_ssize_t k)
+{
+    if (k < 0 || k >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "Pending index out of range");
+        return NULL;
+    }
+    return k < self->nint ? PyLong_FromLongLong(self->cells[k].i) : PyFloat_FromDouble(self->cells[k].d);
+}
+
+static int
+Pending_ass_item(Pending *self, Py_ssize_t k, PyObject *v)
+{
+    if (k < 0 || k >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "Pending assignment index out of range");
+        return -1;
+    }
+    if (v == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Pending cells cannot be deleted");
+        return -1;
+    }
+    if (k < self->nint) {
+        long long x = PyLong_AsLongLong(v);
+        if (x == -1 && PyErr_Occurred())
+            return -1;
+        self->cells[k].i = x;
+    }
+    else {
+        double x = PyFloat_AsDouble(v);
+        if (x == -1.0 && PyErr_Occurred())
+            return -1;
+        self->cells[k].d = x;
+    }
+    return 0;
+}
+
+static PyObject *
+Pending_take(Pending *self, PyObject *unused)
+{
+    PyObject *out = PyList_New(self->n);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < self->n; k++) {
+        PyObject *v = Pending_item(self, k);
+        if (v == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, k, v);
+    }
+    for (Py_ssize_t k = 0; k < self->n; k++) {
+        if (k < self->nint)
+            self->cells[k].i = 0;
+        else
+            self->cells[k].d = 0.0;
+    }
+    return out;
+}
+
+static PySequenceMethods Pending_as_sequence = {
+    .sq_length = (lenfunc)Pending_len,
+    .sq_item = (ssizeargfunc)Pending_item,
+    .sq_ass_item = (ssizeobjargproc)Pending_ass_item,
+};
+
+static PyMethodDef Pending_methods[] = {
+    {"take", (PyCFunction)Pending_take, METH_NOARGS, "The cells' values as a list; the cells are zeroed."},
+    {NULL}};
+
+static PyTypeObject PendingType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "fooproxy._flow.Pending",
+    .tp_basicsize = sizeof(Pending),
+    .tp_dealloc = (destructor)Pending_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Pending(ints, floats): Stats' latency counts not yet in the block, as C cells.",
+    .tp_as_sequence = &Pending_as_sequence,
+    .tp_methods = Pending_methods,
+    .tp_new = Pending_new,
+};
+
 /* -- Flow: databus.Flow ------------------------------------------------------------ */
 typedef struct {
     PyObject_HEAD
@@ -299,6 +489,7 @@ typedef struct {
     PyObject *stats;    /* the Stats whose record() this is */
     PyObject *block;    /* stats.block */
     PyObject *py_record; /* a Stats subclass's record: called instead of ours */
+    PyObject *pending;  /* stats._pending (a Pending) when this Flow records */
     PyObject *on_readable, *on_writable; /* bound methods, made once */
     PyObject *chunk;    /* a chunk dst did not take in full, or NULL */
     Py_ssize_t chunk_sent;
@@ -312,7 +503,8 @@ static PyTypeObject FlowType;
 
 /* Every object reference a Flow holds, once: what the cyclic GC visits and what clear drops. */
 #define FLOW_REFS(X)                                                                                         \
-    X(bus) X(loop) X(reader) X(writer) X(counter) X(timer) X(stats) X(block) X(py_record) X(on_readable)     \
+    X(bus) X(loop) X(reader) X(writer) X(counter) X(timer) X(stats) X(block) X(py_record) X(pending)         \
+        X(on_readable)                                                                                       \
         X(on_writable) X(chunk)
 
 static int
@@ -388,6 +580,16 @@ Flow_new(PyTypeObject *type, PyObject *args, PyObject *kw)
             PyErr_SetString(PyExc_ValueError, "Flow: the stats block is too small");
             goto fail;
         }
+        self->pending = PyObject_GetAttr(stats, s_pending);
+        if (self->pending == NULL)
+            goto fail;
+        Pending *p = (Pending *)self->pending;
+        if (!Py_IS_TYPE(self->pending, &PendingType) || p->nint != 2 * L.nb || L.p_ack_sum < p->nint ||
+            L.p_nak_sum < p->nint || L.p_max < p->nint || L.p_ack_sum >= p->n || L.p_nak_sum >= p->n ||
+            L.p_max >= p->n) {
+            PyErr_SetString(PyExc_TypeError, "Flow: stats._pending is not a Pending of the configured layout");
+            goto fail;
+        }
     }
     self->counter = (Counter *)CounterType.tp_alloc(&CounterType, 0);
     if (self->counter == NULL)
@@ -456,81 +658,10 @@ call_timer(Flow *self, PyObject *method, const counts_t *c, PyObject **data, con
     return r ? 0 : -1;
 }
 
-/* The latency Timer's __slots__, read and written in place at their member descriptors'
- * offsets (what member_get and member_set do) rather than through an attribute lookup each:
- * ~100 instructions per access, several per message.  Only for latency.Timer itself (a
- * subclass, or a Timer whose slot is unset, goes through getattr); configure() finds them. */
-#define TIMER_SLOTS 5
-static PyTypeObject *timer_type;
-static PyObject **timer_names[TIMER_SLOTS] = {&s_head_t, &s_head_r, &s_head_o, &s_fifo, &s_max_s};
-static Py_ssize_t timer_offsets[TIMER_SLOTS];
-
-static PyObject **
-slot_of(PyObject *obj, PyObject *name)
-{
-    if (Py_TYPE(obj) != timer_type)
-        return NULL;
-    for (int k = 0; k < TIMER_SLOTS; k++)
-        if (*timer_names[k] == name)
-            return (PyObject **)((char *)obj + timer_offsets[k]);
-    return NULL;
-}
-
-static PyObject *
-get_attr(PyObject *obj, PyObject *name)
-{
-    PyObject **slot = slot_of(obj, name);
-    if (slot != NULL && *slot != NULL) {
-        Py_INCREF(*slot);
-        return *slot;
-    }
-    return PyObject_GetAttr(obj, name);
-}
-
-/* obj.name = v, stealing the reference to v (NULL: an error is set already). */
-static int
-set_attr(PyObject *obj, PyObject *name, PyObject *v)
-{
-    if (v == NULL)
-        return -1;
-    PyObject **slot = slot_of(obj, name);
-    if (slot != NULL) {
-        Py_XSETREF(*slot, v);
-        return 0;
-    }
-    int rc = PyObject_SetAttr(obj, name, v);
-    Py_DECREF(v);
-    return rc;
-}
-
-static int
-find_timer_slots(PyObject *type)
-{
-    timer_type = NULL;
-    if (!PyType_Check(type)) {
-        PyErr_SetString(PyExc_TypeError, "configure: Timer must be a class");
-        return -1;
-    }
-    for (int k = 0; k < TIMER_SLOTS; k++) {
-        PyObject *d = PyObject_GetAttr(type, *timer_names[k]);
-        if (d == NULL)
-            return -1;
-        int ok = Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX &&
-                 !(((PyMemberDescrObject *)d)->d_member->flags & READONLY);
-        if (ok)
-            timer_offsets[k] = ((PyMemberDescrObject *)d)->d_member->offset;
-        Py_DECREF(d);
-        if (!ok)
-            return 0; /* not plain slots: every access goes through getattr */
-    }
-    timer_type = (PyTypeObject *)type;
-    return 0;
-}
-
 static int
 get_ll(PyObject *obj, PyObject *name, long long *out)
 {
-    PyObject *v = get_attr(obj, name);
+    PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL)
         return -1;
     *out = PyLong_AsLongLong(v);
@@ -539,56 +670,13 @@ get_ll(PyObject *obj, PyObject *name, long long *out)
 }
 
 static int
-get_d(PyObject *obj, PyObject *name, double *out)
-{
-    PyObject *v = get_attr(obj, name);
-    if (v == NULL)
-        return -1;
-    *out = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
-}
-
-static int
 set_ll(PyObject *obj, PyObject *name, long long v)
 {
-    return set_attr(obj, name, PyLong_FromLongLong(v));
-}
-
-static int
-set_d(PyObject *obj, PyObject *name, double v)
-{
-    return set_attr(obj, name, PyFloat_FromDouble(v));
-}
-
-/* pending[i] += v, with Python's arithmetic (an int cell becomes a float when v is one). */
-static int
-pending_add(PyObject *pending, Py_ssize_t i, PyObject *v)
-{
-    PyObject *old = PyList_GET_ITEM(pending, i);
-    PyObject *sum = PyNumber_Add(old, v);
-    if (sum == NULL)
-        return -1;
-    PyList_SET_ITEM(pending, i, sum);
-    Py_DECREF(old);
-    return 0;
-}
-
-static int
-pending_add_ll(PyObject *pending, Py_ssize_t i, long long v)
-{
     PyObject *o = PyLong_FromLongLong(v);
-    int rc = o ? pending_add(pending, i, o) : -1;
-    Py_XDECREF(o);
-    return rc;
-}
-
-static int
-pending_add_d(PyObject *pending, Py_ssize_t i, double v)
-{
-    PyObject *o = PyFloat_FromDouble(v);
-    int rc = o ? pending_add(pending, i, o) : -1;
-    Py_XDECREF(o);
+    if (o == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(obj, name, o);
+    Py_DECREF(o);
     return rc;
 }
 
@@ -614,89 +702,72 @@ bucket_of(double seconds)
     return lo;
 }
 
-/* The head was answered in full: Timer.next() when something is owed behind it.  For
- * latency.Timer's list of (when, reqs, others) tuples, done here: fifo.pop(0) into the head
- * slots, without a Python call per entry (pipelined traffic takes one per chunk of REQs). */
+/* The head was answered in full: Timer.next() when something is owed behind it.  For a
+ * list of (when, reqs, others) tuples, done here: fifo.pop(0) into the head, without a
+ * Python call per entry (pipelined traffic takes one per chunk of REQs). */
 static int
-timer_next(PyObject *timer)
+timer_next(Flow *self)
 {
-    PyObject *fifo = get_attr(timer, s_fifo);
+    TimerState *t = (TimerState *)self->timer;
+    PyObject *fifo = t->fifo;
     if (fifo == NULL)
-        return -1;
-    int more = PyObject_IsTrue(fifo);
-    if (more <= 0) {
-        Py_DECREF(fifo);
-        return more;
-    }
-    PyObject *e = PyList_CheckExact(fifo) ? PyList_GET_ITEM(fifo, 0) : NULL;
-    if (Py_TYPE(timer) != timer_type || e == NULL || !PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3) {
-        Py_DECREF(fifo);
-        PyObject *r = PyObject_CallMethodNoArgs(timer, s_next);
+        return 0; /* never set: nothing owed behind the head */
+    if (!PyList_CheckExact(fifo)) { /* another sequence: Timer.next's Python takes from it */
+        int more = PyObject_IsTrue(fifo);
+        if (more <= 0)
+            return more;
+        PyObject *r = PyObject_CallMethodNoArgs(self->timer, s_next);
         Py_XDECREF(r);
         return r ? 0 : -1;
     }
-    Py_INCREF(e);
-    int rc = PySequence_DelItem(fifo, 0);
-    Py_DECREF(fifo);
-    for (int k = 0; k < 3 && rc == 0; k++) {
-        PyObject *v = PyTuple_GET_ITEM(e, k);
-        Py_INCREF(v);
-        rc = set_attr(timer, k == 0 ? s_head_t : k == 1 ? s_head_r : s_head_o, v);
+    if (PyList_GET_SIZE(fifo) == 0)
+        return 0;
+    PyObject *e = PyList_GET_ITEM(fifo, 0);
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3) {
+        PyErr_SetString(PyExc_TypeError, "Timer.fifo holds (when, reqs, others) tuples");
+        return -1;
     }
-    Py_DECREF(e);
-    return rc;
+    double when = PyFloat_AsDouble(PyTuple_GET_ITEM(e, 0));
+    if (when == -1.0 && PyErr_Occurred())
+        return -1;
+    long long r = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
+    if (r == -1 && PyErr_Occurred())
+        return -1;
+    long long o = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2));
+    if (o == -1 && PyErr_Occurred())
+        return -1;
+    if (PySequence_DelItem(fifo, 0) < 0)
+        return -1;
+    t->head_t = when;
+    t->head_r = r;
+    t->head_o = o;
+    return 0;
 }
 
 /* The s2c answer to the timer's head, as Stats.record inlines it. */
 static int
 answer_head(Flow *self, const counts_t *c, long long resp, long long owed, double now)
 {
-    double head_t, max_s;
-    PyObject *timer = self->timer;
-    if (get_d(timer, s_head_t, &head_t) < 0)
+    TimerState *t = (TimerState *)self->timer;
+    double seconds = now - t->head_t;
+    t->head_r = owed - resp;
+    if (resp == owed && timer_next(self) < 0)
         return -1;
-    double seconds = now - head_t;
-    if (set_ll(timer, s_head_r, owed - resp) < 0)
-        return -1;
-    if (resp == owed && timer_next(timer) < 0)
-        return -1;
-    if (get_d(timer, s_max_s, &max_s) < 0)
-        return -1;
-    if (seconds > max_s && set_d(timer, s_max_s, seconds) < 0)
-        return -1;
+    if (seconds > t->max_s)
+        t->max_s = seconds;
     Py_ssize_t i = bucket_of(seconds);
-    PyObject *pending = PyObject_GetAttr(self->stats, s_pending);
-    if (pending == NULL)
-        return -1;
-    int rc = -1;
-    if (!PyList_CheckExact(pending) || PyList_GET_SIZE(pending) <= L.p_max) {
-        PyErr_SetString(PyExc_TypeError, "Stats._pending is not its list");
-        goto done;
-    }
+    cell_t *p = ((Pending *)self->pending)->cells;
     if (c->ack) {
-        if (pending_add_ll(pending, i, c->ack) < 0 || pending_add_d(pending, L.p_ack_sum, seconds * c->ack) < 0)
-            goto done;
+        p[i].i += c->ack;
+        p[L.p_ack_sum].d += seconds * c->ack;
     }
     if (c->nak) {
-        if (pending_add_ll(pending, L.nb + i, c->nak) < 0 ||
-            pending_add_d(pending, L.p_nak_sum, seconds * c->nak) < 0)
-            goto done;
+        p[L.nb + i].i += c->nak;
+        p[L.p_nak_sum].d += seconds * c->nak;
     }
-    PyObject *top = PyFloat_FromDouble(seconds);
-    if (top == NULL)
-        goto done;
-    int bigger = PyObject_RichCompareBool(top, PyList_GET_ITEM(pending, L.p_max), Py_GT);
-    if (bigger > 0) {
-        PyObject *old = PyList_GET_ITEM(pending, L.p_max);
-        PyList_SET_ITEM(pending, L.p_max, top);
-        Py_DECREF(old);
-    }
-    else
-        Py_DECREF(top);
-    rc = bigger < 0 ? -1 : 0;
-done:
-    Py_DECREF(pending);
-    return rc;
+    if (seconds > p[L.p_max].d)
+        p[L.p_max].d = seconds;
+    return 0;
 }
 
 /* Answers of one kind (all ACK or all NAK) that take more than the head: the head, then each
@@ -709,11 +780,10 @@ answer_entries(Flow *self, const counts_t *c, long long resp, PyObject **data, c
                Py_ssize_t n, double now)
 {
     long long left = resp;
+    TimerState *t = (TimerState *)self->timer;
     while (left > 0) {
-        long long head_r, head_o;
-        if (get_ll(self->timer, s_head_r, &head_r) < 0 || get_ll(self->timer, s_head_o, &head_o) < 0)
-            return -1;
-        if (head_r == 0 || head_o != 0) {
+        long long head_r = t->head_r;
+        if (head_r == 0 || t->head_o != 0) {
             counts_t rest = {0, c->ack ? left : 0, c->ack ? 0 : left, 0};
             return call_timer(self, s_answered, &rest, data, buf, n, now);
         }
@@ -778,47 +848,34 @@ record(Flow *self, const counts_t *c, const unsigned char *buf, Py_ssize_t n, Py
     rc = 0;
     if (!has_timer)
         goto done;
-    PyObject *timer = self->timer;
-    long long head_r, head_o;
+    TimerState *t = (TimerState *)self->timer;
     if (self->to_server) {
         if (c->inv || resp) {
             rc = call_timer(self, s_sent, c, data, buf, n, now);
             goto done;
         }
-        if (get_ll(timer, s_head_r, &head_r) < 0 || get_ll(timer, s_head_o, &head_o) < 0)
-            goto fail;
-        if (head_r == 0 && head_o == 0) { /* nothing owed: this chunk's REQs are the head */
-            if (set_d(timer, s_head_t, now) < 0 || set_ll(timer, s_head_r, c->req) < 0)
-                goto fail;
+        if (t->head_r == 0 && t->head_o == 0) { /* nothing owed: this chunk's REQs are the head */
+            t->head_t = now;
+            t->head_r = c->req;
             goto done;
         }
-        PyObject *fifo = get_attr(timer, s_fifo);
-        if (fifo == NULL)
-            goto fail;
-        Py_ssize_t behind = PyObject_Length(fifo);
-        if (behind >= 0 && behind < L.behind) {
+        if (t->fifo != NULL && PyList_CheckExact(t->fifo) && PyList_GET_SIZE(t->fifo) < L.behind) {
             PyObject *entry = Py_BuildValue("(dLi)", now, c->req, 0);
-            PyObject *r = entry ? PyObject_CallMethodOneArg(fifo, s_append, entry) : NULL;
-            Py_XDECREF(entry);
-            Py_XDECREF(r);
-            Py_DECREF(fifo);
-            if (r == NULL)
+            if (entry == NULL || PyList_Append(t->fifo, entry) < 0) {
+                Py_XDECREF(entry);
                 goto fail;
+            }
+            Py_DECREF(entry);
             goto done;
         }
-        Py_DECREF(fifo);
-        if (behind < 0)
-            goto fail;
-        rc = call_timer(self, s_sent, c, data, buf, n, now); /* too much owed: coalesced */
+        rc = call_timer(self, s_sent, c, data, buf, n, now); /* too much owed (coalesced), or not a list */
         goto done;
     }
     if (!resp)
         goto done;
-    if (get_ll(timer, s_head_r, &head_r) < 0 || get_ll(timer, s_head_o, &head_o) < 0)
-        goto fail;
-    if (resp <= head_r && head_o == 0) /* all of them answer the head: one latency */
-        rc = answer_head(self, c, resp, head_r, now);
-    else if (head_r > 0 && head_o == 0 && (c->ack == 0 || c->nak == 0)) /* the head and entries behind it */
+    if (resp <= t->head_r && t->head_o == 0) /* all of them answer the head: one latency */
+        rc = answer_head(self, c, resp, t->head_r, now);
+    else if (t->head_r > 0 && t->head_o == 0 && (c->ack == 0 || c->nak == 0)) /* the head and entries behind it */
         rc = answer_entries(self, c, resp, data, buf, n, now);
     else
         rc = call_timer(self, s_answered, c, data, buf, n, now);
@@ -1084,6 +1141,10 @@ Flow_set_timer(Flow *self, PyObject *value, void *closure)
         PyErr_SetString(PyExc_AttributeError, "timer cannot be deleted");
         return -1;
     }
+    if (value != Py_None && !PyObject_TypeCheck(value, &TimerStateType)) {
+        PyErr_SetString(PyExc_TypeError, "Flow.timer: a latency.Timer (a TimerState) or None");
+        return -1;
+    }
     Py_INCREF(value);
     Py_SETREF(self->timer, value);
     return 0;
@@ -1199,14 +1260,6 @@ configure(PyObject *module, PyObject *d)
         if (ONE[k] == NULL)
             return NULL;
     }
-    PyObject *timer = PyDict_GetItemString(d, "Timer");
-    if (timer == NULL) {
-        PyErr_SetString(PyExc_KeyError, "configure: Timer missing");
-        return NULL;
-    }
-    if (find_timer_slots(timer) < 0)
-        return NULL;
-    Py_INCREF(timer); /* kept: timer_type points at it */
     L.ready = 1;
     Py_RETURN_NONE;
 }
@@ -1248,16 +1301,12 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__flow(void)
 {
-    if (PyType_Ready(&CounterType) < 0 || PyType_Ready(&FlowType) < 0)
+    if (PyType_Ready(&CounterType) < 0 || PyType_Ready(&FlowType) < 0 || PyType_Ready(&TimerStateType) < 0 ||
+        PyType_Ready(&PendingType) < 0)
         return NULL;
 #define INTERN(var, text)                                                                                    \
     if ((var = PyUnicode_InternFromString(text)) == NULL)                                                     \
         return NULL;
-    INTERN(s_head_t, "head_t");
-    INTERN(s_head_r, "head_r");
-    INTERN(s_head_o, "head_o");
-    INTERN(s_fifo, "fifo");
-    INTERN(s_max_s, "max_s");
     INTERN(s_sent, "sent");
     INTERN(s_answered, "answered");
     INTERN(s_next, "next");
@@ -1272,14 +1321,17 @@ PyInit__flow(void)
     INTERN(s_close, "close");
     INTERN(s_answers_delivered, "answers_delivered");
     INTERN(s_block, "block");
-    INTERN(s_append, "append");
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
     Py_INCREF(&CounterType);
     Py_INCREF(&FlowType);
+    Py_INCREF(&TimerStateType);
+    Py_INCREF(&PendingType);
     if (PyModule_AddObject(m, "Counter", (PyObject *)&CounterType) < 0 ||
         PyModule_AddObject(m, "Flow", (PyObject *)&FlowType) < 0 ||
+        PyModule_AddObject(m, "TimerState", (PyObject *)&TimerStateType) < 0 ||
+        PyModule_AddObject(m, "Pending", (PyObject *)&PendingType) < 0 ||
         PyModule_AddIntConstant(m, "BUFSIZE", BUFSIZE) < 0) {
         Py_DECREF(m);
         return NULL;

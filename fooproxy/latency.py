@@ -26,6 +26,7 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from fooproxy import native
 from fooproxy.protocol import ACK, answer_types, request_runs
 
 #: Bucket upper bounds in seconds (Prometheus ``le``): the R10 series, 25 µs .. 10 s.
@@ -73,7 +74,18 @@ FAST = bytes(FAST)
 del _start, _j, _bound, _end
 
 
-class Timer:
+class _TimerState:
+    """The pure-Python path's base of ``Timer``: its five attributes as ``__slots__``."""
+
+    __slots__ = ("head_t", "head_r", "head_o", "max_s", "fifo")
+
+
+#: Timer's state: with the extension, ``_flow.TimerState``, the same five attributes as C
+#: values, which the C Flow reads and writes in place (a float per write otherwise).
+_TimerBase: type = native.EXT.TimerState if native.EXT is not None else _TimerState
+
+
+class Timer(_TimerBase):  # type: ignore[misc,valid-type]
     """One session's owed lines, oldest first, written by ``Stats.record`` (which only metrics read).
 
     The oldest entry is kept unpacked (``head_t``, ``head_r``, ``head_o``): lockstep
@@ -82,7 +94,7 @@ class Timer:
     calls ``close()`` at its end.
     """
 
-    __slots__ = ("head_t", "head_r", "head_o", "fifo", "max_s", "_stats")
+    __slots__ = ("_stats",)
 
     def __init__(self, stats) -> None:
         self.max_s = 0.0  # the session's largest latency (its close line)

@@ -1,10 +1,8 @@
 """Which hot path runs: the C one (``fooproxy/_flow.c``) when it was built, else databus.py's Python.
 
-``make install`` compiles ``_flow.c`` (setup.py's optional extension: without a
-C compiler the install still succeeds, and the pure-Python path runs). The
-environment variable ``FOOPROXY_PURE=1`` chooses the pure-Python path even
-when the extension is there; CI runs the whole suite both ways. The two are
-the same product: ``tests/unit/test_flow_speedups.py`` feeds the same chunks
+Whether the extension is there and wanted is ``native.py``'s decision
+(``FOOPROXY_PURE=1`` chooses the pure-Python path); CI runs the whole suite
+both ways. The two are the same product: ``tests/unit/test_flow_speedups.py`` feeds the same chunks
 through both and compares the counts and every cell they write.
 
 The C module holds no layout of its own: ``configure`` hands it the cell
@@ -13,11 +11,10 @@ indices and tables of stats.py, timetable.py, latency.py and protocol.py.
 
 from __future__ import annotations
 
-import os
 import time
 from types import ModuleType
 
-from fooproxy import latency, protocol, stats, timetable
+from fooproxy import latency, native, protocol, stats, timetable
 
 
 def _configure(flow: ModuleType) -> None:
@@ -45,21 +42,15 @@ def _configure(flow: ModuleType) -> None:
             "fast": latency.FAST,
             "bounds": latency.BOUNDS,
             "Counts": protocol.Counts,
-            "Timer": latency.Timer,  # its __slots__ are read in place
         }
     )
 
 
 def load() -> ModuleType | None:
     """The configured C module, or None: ``FOOPROXY_PURE`` set, or the extension not built."""
-    if os.environ.get("FOOPROXY_PURE", "") not in ("", "0"):
-        return None
-    try:
-        from fooproxy import _flow
-    except ImportError:
-        return None
-    _configure(_flow)
-    return _flow
+    if native.EXT is not None:
+        _configure(native.EXT)
+    return native.EXT
 
 
 #: The C module when it runs, else None (the pure-Python Flow and MessageCounter).

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from fooproxy import latency, timetable
+from fooproxy import latency, native, timetable
 from fooproxy.config import MAX_ADDRESS_BYTES, MAX_UPSTREAMS
 from fooproxy.latency import Latency, Timer
 from fooproxy.timetable import Clock, TimeTable
@@ -98,6 +98,14 @@ _PENDING_ACK_SUM, _PENDING_NAK_SUM, _PENDING_MAX = 2 * _L_NB, 2 * _L_NB + 1, 2 *
 _PENDING_CELLS = 2 * _L_NB + 3
 
 
+def _new_pending() -> list:
+    """Stats._pending: a list, or with the extension a ``_flow.Pending`` of C cells that the
+    C Flows add to in place (each list cell's ``+=`` allocated an object). Python indexes both alike."""
+    if native.EXT is not None:
+        return native.EXT.Pending(2 * _L_NB, _PENDING_CELLS - 2 * _L_NB)
+    return [0] * _PENDING_CELLS
+
+
 def new_block() -> memoryview:
     """A zeroed private block of int64 cells."""
     return memoryview(bytearray(BLOCK_BYTES)).cast("q")
@@ -113,7 +121,7 @@ class Stats:
         self.started = clock()
         self.table = TimeTable(self.block[_HEADER:], clock)
         #: Latency counts not yet in the block (``answered``, ``flush``): ACK buckets, NAK buckets, sums, max.
-        self._pending = [0] * _PENDING_CELLS
+        self._pending = _new_pending()
         self._pending_sec = int(self.started)  # the second they were counted in
 
     # -- hot path ---------------------------------------------------------
@@ -250,7 +258,10 @@ class Stats:
         pending = self._pending
         if not any(pending):
             return
-        self._pending = [0] * _PENDING_CELLS
+        if type(pending) is list:
+            self._pending = [0] * _PENDING_CELLS
+        else:  # a Pending: the C Flows keep it, so it is emptied in place
+            pending = pending.take()
         c = self.block
         tag = self._pending_sec + 1
         w = _L_RING + (tag % _L_WSLOTS) * _L_WSTRIDE

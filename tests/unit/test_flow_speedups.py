@@ -242,3 +242,65 @@ _PIPELINED = [
 def test_answers_that_cross_request_chunks_write_the_same_cells_through_c(steps):
     """Answers of one kind taking the head and the entries behind it: the same latencies through C."""
     _run_both(steps)
+
+
+# -- the C latency state: TimerState and Pending --------------------------------------------------
+@needs_c
+def test_pending_cells_index_like_the_list_they_replace_and_take_empties_them_in_place():
+    p = flow.Pending(4, 2)
+    assert len(p) == 6 and list(p) == [0, 0, 0, 0, 0.0, 0.0]
+    p[1] = 7
+    p[3] = 2**62
+    p[4] = 0.125
+    p[5] = 3
+    assert list(p) == [0, 7, 0, 2**62, 0.125, 3.0]
+    assert [type(v) for v in p] == [int] * 4 + [float] * 2
+    same = p
+    assert p.take() == [0, 7, 0, 2**62, 0.125, 3.0]
+    assert same is p and list(p) == [0, 0, 0, 0, 0.0, 0.0]
+    with pytest.raises(IndexError):
+        p[6]
+    with pytest.raises(IndexError):
+        p[6] = 1
+    with pytest.raises(TypeError):
+        p[0] = "x"
+    with pytest.raises(TypeError):
+        del p[0]
+    with pytest.raises(OverflowError):
+        p[0] = 2**64
+    with pytest.raises(ValueError):
+        flow.Pending(-1, 3)
+
+
+@needs_c
+def test_stats_flush_moves_c_pending_cells_into_the_block_as_the_list_does_and_zeroes_them():
+    """Stats keeps one Pending for its whole life (the C Flows hold it): flush empties it in place."""
+    c_stats, list_stats = Stats(clock=Clock()), Stats(clock=Clock())
+    pending = c_stats._pending
+    assert isinstance(pending, flow.Pending)
+    list_stats._pending = list(pending)
+    for stats in (c_stats, list_stats):
+        stats.answered(0.004, 3, 0)
+        stats.answered(0.05, 0, 2)
+        stats.answered(0.00003, 1, 1)
+    assert list(pending) == list_stats._pending and any(pending)
+    c_stats.flush()
+    list_stats.flush()
+    assert c_stats._pending is pending and not any(pending)
+    assert bytes(c_stats.block.cast("B")) == bytes(list_stats.block.cast("B"))
+    assert bytes(c_stats.block.cast("B")) != bytes(Stats(clock=Clock()).block.cast("B"))
+
+
+@needs_c
+def test_a_c_flow_takes_only_a_timer_state_as_its_timer():
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        s = Session(True, Clock(), monkeypatch)
+        try:
+            with pytest.raises(TypeError, match="TimerState"):
+                s.bus.c2s_flow.timer = object()
+            s.bus.c2s_flow.timer = None
+            assert s.bus.c2s_flow.timer is None
+            s.bus.c2s_flow.timer = s.bus.timer
+            assert isinstance(s.bus.timer, flow.TimerState)
+        finally:
+            s.close()

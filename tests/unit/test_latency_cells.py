@@ -152,14 +152,14 @@ def test_record_times_lockstep_inline_as_answered_does():
         clock.t += seconds
         answered(inline, timer, (0, 0, 1, 0), b"NAK 1\n")
         called.answered(clock.t - 1000.0, 0, 1)
-        assert inline._pending == called._pending, seconds
+        assert list(inline._pending) == list(called._pending), seconds
         sent(inline, timer, (1, 0, 0, 0), b"REQ 2\n")  # and an ACK
         answered(inline, timer, (0, 1, 0, 0), b"ACK 2\n")
         called.answered(0.0, 1, 0)
         sent(inline, timer, (3, 0, 0, 0), b"REQ 3\nREQ 4\nREQ 5\n")  # and a reply of several
         answered(inline, timer, (0, 2, 1, 0), b"ACK 3\nNAK 4\nACK 5\n")
         called.answered(0.0, 2, 1)
-        assert inline._pending == called._pending, seconds
+        assert list(inline._pending) == list(called._pending), seconds
 
 
 def test_pipelined_chunks_behind_the_head_and_answers_in_pieces():
