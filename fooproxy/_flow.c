@@ -796,6 +796,118 @@ answer_entries(Flow *self, const counts_t *c, long long resp, PyObject **data, c
     return 0;
 }
 
+/* The answer kinds (K_ACK/K_NAK) of a chunk's complete lines, in order, as protocol.answer_types
+ * gives them: the lines after the first '\n' classified here, and the first line's kind what the
+ * chunk's counts say they do not account for (it may have begun in an earlier chunk, and only the
+ * Counter saw all of it).  Returns how many, or -1 when they do not add up to ack + nak. */
+static unsigned char akind[BUFSIZE / 6 + 2]; /* "ACK 0\n" is the shortest answer line */
+
+static Py_ssize_t
+answer_kinds(const counts_t *c, const unsigned char *buf, Py_ssize_t n)
+{
+    const unsigned char *first = memchr(buf, '\n', n), *end = buf + n;
+    if (first == NULL)
+        return -1;
+    while (end > first + 1 && end[-1] != '\n')
+        end--;
+    Py_ssize_t m = 1;
+    long long acks = 0, naks = 0;
+    for (const unsigned char *s = first + 1; s < end;) {
+        const unsigned char *nl = memchr(s, '\n', end - s);
+        int kind = classify(s, nl - s);
+        if (kind == K_ACK || kind == K_NAK) {
+            if (m >= (Py_ssize_t)sizeof(akind))
+                return -1;
+            akind[m++] = (unsigned char)kind;
+            if (kind == K_ACK)
+                acks++;
+            else
+                naks++;
+        }
+        s = nl + 1;
+    }
+    Py_ssize_t from = 1;
+    if (c->ack - acks == 1 && c->nak == naks)
+        akind[from = 0] = K_ACK;
+    else if (c->nak - naks == 1 && c->ack == acks)
+        akind[from = 0] = K_NAK;
+    else if (c->ack != acks || c->nak != naks)
+        return -1;
+    if (from == 1) /* the first line is no answer: shift nothing, start at 1 */
+        memmove(akind, akind + 1, m - 1);
+    return m - from;
+}
+
+/* Answers of both kinds that take more than the head: each entry of REQs in turn, as Timer.answered
+ * takes them with answer_types' order, one latency per entry with its ACKs and NAKs.  Pipelined
+ * traffic (W1) with NAKs among the answers lands here.  When an entry of other lines is in the
+ * way, or the kinds do not add up, Timer.answered takes the whole chunk. */
+static int
+answer_mixed(Flow *self, const counts_t *c, long long resp, PyObject **data, const unsigned char *buf,
+             Py_ssize_t n, double now)
+{
+    TimerState *t = (TimerState *)self->timer;
+    long long need = resp - t->head_r; /* answers the entries behind the head take */
+    PyObject *fifo = t->fifo;
+    if (need > 0 && fifo != NULL) {
+        if (!PyList_CheckExact(fifo))
+            goto python;
+        for (Py_ssize_t j = 0; need > 0 && j < PyList_GET_SIZE(fifo); j++) {
+            PyObject *e = PyList_GET_ITEM(fifo, j);
+            if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3)
+                goto python;
+            int overflow;
+            long long r = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(e, 1), &overflow);
+            if (overflow || (r == -1 && PyErr_Occurred()))
+                goto python_clear;
+            long long o = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(e, 2), &overflow);
+            if (overflow || o != 0 || r <= 0 || PyErr_Occurred())
+                goto python_clear;
+            need -= r;
+        }
+    }
+    Py_ssize_t m = answer_kinds(c, buf, n);
+    if (m != resp)
+        goto python;
+    Py_ssize_t pos = 0;
+    while (pos < m && t->head_r > 0) {
+        long long head_r = t->head_r;
+        long long take = m - pos < head_r ? m - pos : head_r;
+        long long acks = 0;
+        for (Py_ssize_t j = pos; j < pos + take; j++)
+            acks += akind[j] == K_ACK;
+        counts_t part = {0, acks, take - acks, 0};
+        if (answer_head(self, &part, take, head_r, now) < 0)
+            return -1;
+        pos += take;
+    }
+    return 0;
+python_clear:
+    PyErr_Clear();
+python:
+    return call_timer(self, s_answered, c, data, buf, n, now);
+}
+
+/* A Timer.fifo entry of REQs, (when, reqs, 0), built directly (Py_BuildValue parses its format
+ * string per call, one entry per pipelined chunk of REQs). */
+static PyObject *
+fifo_entry(double when, long long reqs)
+{
+    PyObject *e = PyTuple_New(3), *w = PyFloat_FromDouble(when), *r = PyLong_FromLongLong(reqs);
+    PyObject *zero = PyLong_FromLong(0);
+    if (e == NULL || w == NULL || r == NULL || zero == NULL) {
+        Py_XDECREF(e);
+        Py_XDECREF(w);
+        Py_XDECREF(r);
+        Py_XDECREF(zero);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(e, 0, w);
+    PyTuple_SET_ITEM(e, 1, r);
+    PyTuple_SET_ITEM(e, 2, zero);
+    return e;
+}
+
 /* Stats.record(to_server, n, counts, timer, data, messages_cell), the same updates in the same order. */
 static int
 record(Flow *self, const counts_t *c, const unsigned char *buf, Py_ssize_t n, PyObject **data)
@@ -860,7 +972,7 @@ record(Flow *self, const counts_t *c, const unsigned char *buf, Py_ssize_t n, Py
             goto done;
         }
         if (t->fifo != NULL && PyList_CheckExact(t->fifo) && PyList_GET_SIZE(t->fifo) < L.behind) {
-            PyObject *entry = Py_BuildValue("(dLi)", now, c->req, 0);
+            PyObject *entry = fifo_entry(now, c->req);
             if (entry == NULL || PyList_Append(t->fifo, entry) < 0) {
                 Py_XDECREF(entry);
                 goto fail;
@@ -877,6 +989,8 @@ record(Flow *self, const counts_t *c, const unsigned char *buf, Py_ssize_t n, Py
         rc = answer_head(self, c, resp, t->head_r, now);
     else if (t->head_r > 0 && t->head_o == 0 && (c->ack == 0 || c->nak == 0)) /* the head and entries behind it */
         rc = answer_entries(self, c, resp, data, buf, n, now);
+    else if (t->head_r > 0 && t->head_o == 0) /* the same, answers of both kinds */
+        rc = answer_mixed(self, c, resp, data, buf, n, now);
     else
         rc = call_timer(self, s_answered, c, data, buf, n, now);
     goto done;

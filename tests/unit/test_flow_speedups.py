@@ -234,11 +234,31 @@ _PIPELINED = [
      (False, b"ACK 1 h\n" * 2, 0.6)],
     [(True, _R * 2, 0.001), (True, b"bad\n", 0.002), (True, _R * 2, 0.002), (False, b"ACK 1 h\n" * 4, 0.003),
      (False, b"ACK 1 h\n", 0.004)],
+    # both kinds (answer_mixed): the first line begun in the chunk before; a 19-digit Seq among
+    # them; an entry of other lines in the way (Timer.answered takes the chunk)
+    [(True, _R * 2, 0.001), (True, _R * 3, 0.002), (False, b"ACK 1 h\nNA", 0.003),
+     (False, b"K 1 x\nACK 1 h\nNAK 1 x\nACK 1 h\n", 0.004), (True, _R * 2, 0.0),
+     (False, b"NAK 1 x\nACK 1 h\nACK 1 h\n", 0.5)],
+    [(True, _R * 2, 0.001), (True, _R * 2, 0.002), (False, b"NAK 1 x\nACK 1234567890123456789 h\nNAK 2 x\n", 0.003),
+     (False, b"ACK 9 h\n", 0.001)],
+    [(True, _R * 2, 0.001), (True, b"bad\n", 0.002), (True, _R * 2, 0.002), (False, b"ACK 1 h\nNAK 1 x\n" * 2, 0.003),
+     (False, b"NAK 1 h\n", 0.004)],
 ]  # fmt: skip
 
 
 @needs_c
-@pytest.mark.parametrize("steps", _PIPELINED, ids=["nak-spans", "ack-spans-and-over", "other-lines-between"])
+@pytest.mark.parametrize(
+    "steps",
+    _PIPELINED,
+    ids=[
+        "nak-spans",
+        "ack-spans-and-over",
+        "other-lines-between",
+        "mixed-begun-before",
+        "mixed-big-seq",
+        "mixed-other-lines",
+    ],
+)
 def test_answers_that_cross_request_chunks_write_the_same_cells_through_c(steps):
     """Answers of one kind taking the head and the entries behind it: the same latencies through C."""
     _run_both(steps)

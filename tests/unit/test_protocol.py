@@ -6,7 +6,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fooproxy.protocol import MAX_LINE, Counts, Message, MessageCounter, count_lines, parse_line, parse_seq
+from fooproxy.protocol import (
+    ACK,
+    MAX_LINE,
+    NAK,
+    Counts,
+    Message,
+    MessageCounter,
+    answer_types,
+    count_lines,
+    parse_line,
+    parse_seq,
+)
 
 # Every case below was checked against the reference server-linux (a line is
 # valid iff it is not answered ``NAK 0 ERRDECODE``); tests/faults checks the
@@ -258,3 +269,14 @@ def test_line_of_exactly_max_line_is_counted():
     assert feed_all([line[:10], line[10:]]) == Counts(req=1)
     longer = b"REQ 1 " + b"x" * (MAX_LINE - 6) + b"\n"
     assert feed_all([longer[:10], longer[10:]]) == Counts(invalid=1)
+
+
+def test_answer_types_give_the_answers_in_line_order_the_first_one_from_the_counts():
+    """The first line may have begun in an earlier chunk: its type is what the rest does not account for."""
+    assert answer_types(b"K 1 x\nACK 1 h\nNAK 1 x\nAC", 2, 1) == [ACK, ACK, NAK]  # its tail reads as no answer
+    assert answer_types(b"K 1 x\nACK 1 h\nNAK 1 x\n", 1, 2) == [NAK, ACK, NAK]
+    assert answer_types(b"REQ 1\nACK 1 h\nbad\nNAK 2 x\n", 1, 1) == [ACK, NAK]  # the first line no answer
+    # a 19-digit Seq is decided exactly and keeps its place
+    assert answer_types(b"NAK 1 x\nACK 1234567890123456789 h\nNAK 2 x\n", 1, 2) == [NAK, ACK, NAK]
+    assert answer_types(b"NAK 1 x\nACK 9234567890123456789 h\nNAK 2 x\n", 0, 2) == [NAK, NAK]  # out of range
+    assert answer_types(b"ACK 1 h", 1, 0) == [] == answer_types(b"ACK 1 h\n", 0, 0)
