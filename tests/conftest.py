@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import gevent
 import pytest
 from gevent import monkey
+
+# GEVENT_MONITOR_THREAD_ENABLE=1 (``make test``) is for the fooproxy processes the tests start,
+# which inherit it and whose reports tests/e2e/conftest.py turns into failures. The test process
+# itself blocks its hubs on purpose (plain sockets, threads, sleeps in the tests' own code), and its
+# monitor thread printed a stack report of every thread for each, tens of thousands of lines per
+# run. Set on gevent's config object, not in os.environ, so the children still get the variable.
+gevent.config.monitor_thread = False
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
