@@ -24,7 +24,7 @@ import os
 import stat
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableSequence
 from dataclasses import dataclass, field
 
 from fooproxy import latency, native, timetable
@@ -98,7 +98,7 @@ _PENDING_ACK_SUM, _PENDING_NAK_SUM, _PENDING_MAX = 2 * _L_NB, 2 * _L_NB + 1, 2 *
 _PENDING_CELLS = 2 * _L_NB + 3
 
 
-def _new_pending() -> list:
+def _new_pending() -> MutableSequence[float]:
     """Stats._pending: a list, or with the extension a ``_flow.Pending`` of C cells that the
     C Flows add to in place (each list cell's ``+=`` allocated an object). Python indexes both alike."""
     if native.EXT is not None:
