@@ -702,6 +702,24 @@ bucket_of(double seconds)
     return lo;
 }
 
+/* A Timer.fifo entry, (when, reqs, others): 0, or -1 with an error set when it is not one. */
+static int
+entry_of(PyObject *e, double *when, long long *r, long long *o)
+{
+    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3) {
+        PyErr_SetString(PyExc_TypeError, "Timer.fifo holds (when, reqs, others) tuples");
+        return -1;
+    }
+    *when = PyFloat_AsDouble(PyTuple_GET_ITEM(e, 0));
+    if (*when == -1.0 && PyErr_Occurred())
+        return -1;
+    *r = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
+    if (*r == -1 && PyErr_Occurred())
+        return -1;
+    *o = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2));
+    return (*o == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
 /* The head was answered in full: Timer.next() when something is owed behind it.  For a
  * list of (when, reqs, others) tuples, done here: fifo.pop(0) into the head, without a
  * Python call per entry (pipelined traffic takes one per chunk of REQs). */
@@ -722,21 +740,9 @@ timer_next(Flow *self)
     }
     if (PyList_GET_SIZE(fifo) == 0)
         return 0;
-    PyObject *e = PyList_GET_ITEM(fifo, 0);
-    if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3) {
-        PyErr_SetString(PyExc_TypeError, "Timer.fifo holds (when, reqs, others) tuples");
-        return -1;
-    }
-    double when = PyFloat_AsDouble(PyTuple_GET_ITEM(e, 0));
-    if (when == -1.0 && PyErr_Occurred())
-        return -1;
-    long long r = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 1));
-    if (r == -1 && PyErr_Occurred())
-        return -1;
-    long long o = PyLong_AsLongLong(PyTuple_GET_ITEM(e, 2));
-    if (o == -1 && PyErr_Occurred())
-        return -1;
-    if (PySequence_DelItem(fifo, 0) < 0)
+    double when;
+    long long r, o;
+    if (entry_of(PyList_GET_ITEM(fifo, 0), &when, &r, &o) < 0 || PySequence_DelItem(fifo, 0) < 0)
         return -1;
     t->head_t = when;
     t->head_r = r;
@@ -767,32 +773,6 @@ answer_head(Flow *self, const counts_t *c, long long resp, long long owed, doubl
     }
     if (seconds > p[L.p_max].d)
         p[L.p_max].d = seconds;
-    return 0;
-}
-
-/* Answers of one kind (all ACK or all NAK) that take more than the head: the head, then each
- * entry behind it in turn (Timer.next), one latency each, as Timer.answered takes them.  What
- * an entry of other lines would take, or what is left when nothing is owed, goes to
- * Timer.answered itself.  Pipelined traffic (W1) lands here whenever a chunk of answers
- * crosses from one chunk of REQs to the next. */
-static int
-answer_entries(Flow *self, const counts_t *c, long long resp, PyObject **data, const unsigned char *buf,
-               Py_ssize_t n, double now)
-{
-    long long left = resp;
-    TimerState *t = (TimerState *)self->timer;
-    while (left > 0) {
-        long long head_r = t->head_r;
-        if (head_r == 0 || t->head_o != 0) {
-            counts_t rest = {0, c->ack ? left : 0, c->ack ? 0 : left, 0};
-            return call_timer(self, s_answered, &rest, data, buf, n, now);
-        }
-        long long take = left < head_r ? left : head_r;
-        counts_t part = {0, c->ack ? take : 0, c->ack ? 0 : take, 0};
-        if (answer_head(self, &part, take, head_r, now) < 0)
-            return -1;
-        left -= take;
-    }
     return 0;
 }
 
@@ -838,54 +818,65 @@ answer_kinds(const counts_t *c, const unsigned char *buf, Py_ssize_t n)
     return m - from;
 }
 
-/* Answers of both kinds that take more than the head: each entry of REQs in turn, as Timer.answered
- * takes them with answer_types' order, one latency per entry with its ACKs and NAKs.  Pipelined
- * traffic (W1) with NAKs among the answers lands here.  When an entry of other lines is in the
- * way, or the kinds do not add up, Timer.answered takes the whole chunk. */
+/* Whether the fifo entries that `need` answers take after the head are all of REQs (no other
+ * lines owed among them): then the order of the answers' kinds decides each entry's latencies. */
 static int
-answer_mixed(Flow *self, const counts_t *c, long long resp, PyObject **data, const unsigned char *buf,
-             Py_ssize_t n, double now)
+entries_all_reqs(TimerState *t, long long need)
+{
+    PyObject *fifo = t->fifo;
+    if (need <= 0 || fifo == NULL)
+        return 1;
+    if (!PyList_CheckExact(fifo))
+        return 0;
+    for (Py_ssize_t j = 0; need > 0 && j < PyList_GET_SIZE(fifo); j++) {
+        double when;
+        long long r, o;
+        if (entry_of(PyList_GET_ITEM(fifo, j), &when, &r, &o) < 0) {
+            PyErr_Clear();
+            return 0;
+        }
+        if (o != 0 || r <= 0)
+            return 0;
+        need -= r;
+    }
+    return 1;
+}
+
+/* Answers that take more than the head: the head, then each entry behind it in turn (Timer.next),
+ * one latency per entry with its ACKs and NAKs, as Timer.answered takes them.  Pipelined traffic
+ * (W1) lands here whenever a chunk of answers crosses from one chunk of REQs to the next.  Answers
+ * of one kind split by count; what an entry of other lines would take goes to Timer.answered.
+ * Answers of both kinds split by their order in the chunk (answer_kinds), which Timer.answered
+ * needs the whole chunk for: so only over entries of REQs, checked first, else it takes it all. */
+static int
+answer_entries(Flow *self, const counts_t *c, long long resp, PyObject **data, const unsigned char *buf,
+               Py_ssize_t n, double now)
 {
     TimerState *t = (TimerState *)self->timer;
-    long long need = resp - t->head_r; /* answers the entries behind the head take */
-    PyObject *fifo = t->fifo;
-    if (need > 0 && fifo != NULL) {
-        if (!PyList_CheckExact(fifo))
-            goto python;
-        for (Py_ssize_t j = 0; need > 0 && j < PyList_GET_SIZE(fifo); j++) {
-            PyObject *e = PyList_GET_ITEM(fifo, j);
-            if (!PyTuple_CheckExact(e) || PyTuple_GET_SIZE(e) != 3)
-                goto python;
-            int overflow;
-            long long r = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(e, 1), &overflow);
-            if (overflow || (r == -1 && PyErr_Occurred()))
-                goto python_clear;
-            long long o = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(e, 2), &overflow);
-            if (overflow || o != 0 || r <= 0 || PyErr_Occurred())
-                goto python_clear;
-            need -= r;
+    int mixed = c->ack && c->nak;
+    if (mixed && (!entries_all_reqs(t, resp - t->head_r) || answer_kinds(c, buf, n) != resp))
+        return call_timer(self, s_answered, c, data, buf, n, now);
+    long long pos = 0;
+    while (pos < resp) {
+        long long head_r = t->head_r, left = resp - pos;
+        if (head_r == 0 && t->head_o == 0)
+            return 0; /* nothing owed: answers nobody asked for are not timed */
+        if (head_r == 0 || t->head_o != 0) { /* one kind only: entries_all_reqs ruled it out for both */
+            counts_t rest = {0, c->ack ? left : 0, c->ack ? 0 : left, 0};
+            return call_timer(self, s_answered, &rest, data, buf, n, now);
         }
-    }
-    Py_ssize_t m = answer_kinds(c, buf, n);
-    if (m != resp)
-        goto python;
-    Py_ssize_t pos = 0;
-    while (pos < m && t->head_r > 0) {
-        long long head_r = t->head_r;
-        long long take = m - pos < head_r ? m - pos : head_r;
-        long long acks = 0;
-        for (Py_ssize_t j = pos; j < pos + take; j++)
-            acks += akind[j] == K_ACK;
+        long long take = left < head_r ? left : head_r, acks = c->ack ? take : 0;
+        if (mixed) {
+            acks = 0;
+            for (Py_ssize_t j = pos; j < pos + take; j++)
+                acks += akind[j] == K_ACK;
+        }
         counts_t part = {0, acks, take - acks, 0};
         if (answer_head(self, &part, take, head_r, now) < 0)
             return -1;
         pos += take;
     }
     return 0;
-python_clear:
-    PyErr_Clear();
-python:
-    return call_timer(self, s_answered, c, data, buf, n, now);
 }
 
 /* A Timer.fifo entry of REQs, (when, reqs, 0), built directly (Py_BuildValue parses its format
@@ -987,10 +978,8 @@ record(Flow *self, const counts_t *c, const unsigned char *buf, Py_ssize_t n, Py
         goto done;
     if (resp <= t->head_r && t->head_o == 0) /* all of them answer the head: one latency */
         rc = answer_head(self, c, resp, t->head_r, now);
-    else if (t->head_r > 0 && t->head_o == 0 && (c->ack == 0 || c->nak == 0)) /* the head and entries behind it */
+    else if (t->head_r > 0 && t->head_o == 0) /* the head and entries behind it */
         rc = answer_entries(self, c, resp, data, buf, n, now);
-    else if (t->head_r > 0 && t->head_o == 0) /* the same, answers of both kinds */
-        rc = answer_mixed(self, c, resp, data, buf, n, now);
     else
         rc = call_timer(self, s_answered, c, data, buf, n, now);
     goto done;
