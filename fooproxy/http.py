@@ -461,8 +461,11 @@ class HttpServer:
         """
         if self._server is not None:
             return
-        # Bound by the same helper as the proxy port, so the errors read alike.
-        listener = bind(self.requested, backlog=128, what="serve HTTP")
+        # Bound by the same helper as the proxy port, so the errors read alike, and with its backlog
+        # (1024): past max_connections the clients wait there while the oldest head-waiters are
+        # evicted. With 128, 500 slowloris connections overflowed it, and a health probe's dropped
+        # SYN came back only after the kernel's 1 s retransmit.
+        listener = bind(self.requested, what="serve HTTP")
         server = _Server(
             listener,
             self._wrapped,
