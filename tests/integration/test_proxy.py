@@ -144,6 +144,43 @@ def test_client_reset_ends_session(mini_server, proxy_for):
     assert wait_until(lambda: totals(d)["connections_active"] == 0)
 
 
+def test_a_partial_answer_then_a_reset_is_delivered_then_reported_as_the_reset(proxy_for, caplog):
+    """The server writes part of a line and resets the connection in one go. The proxy's read of
+    the partial line reads once more for the rest (databus.Flow._read_more) and gets the reset:
+    the client must still get the bytes first, and the session must end on the reset, which the
+    next read would otherwise see only as an EOF ("upstream closed")."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve() -> None:
+        s, _ = listener.accept()
+        assert s.recv(100) == b"REQ 1 a\n"
+        # No yield in between: the data and the RST are both queued at the proxy's socket
+        # before its next read (the test and the proxy share this hub).
+        s.sendall(b"ACK 1 par")
+        s.setsockopt(_stdsocket.SOL_SOCKET, _stdsocket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        s.close()
+
+    server = gevent.spawn(serve)
+    d = proxy_for(Address("127.0.0.1", listener.getsockname()[1]))
+    caplog.set_level(logging.INFO, logger="fooproxy.proxy")
+    c = connect(d.address)
+    c.sendall(b"REQ 1 a\n")
+    c.settimeout(5)
+    got = b""
+    while chunk := c.recv(100):
+        got += chunk
+    server.get(timeout=5)
+    listener.close()
+    assert got == b"ACK 1 par"
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+    closes = [r.getMessage() for r in caplog.records if ": closed (" in r.getMessage()]
+    assert len(closes) == 1 and ": closed (server->client: ECONNRESET) after " in closes[0], closes
+    assert totals(d)["bytes_server_to_client"] == 9
+    c.close()
+
+
 def test_garbage_lines_are_forwarded_and_counted_apart(mini_server, proxy_for):
     srv = mini_server()
     d = proxy_for(srv.address)
