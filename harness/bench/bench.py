@@ -122,6 +122,16 @@ SHOWN = {"direct": "direct", "haproxy": "HAProxy", "proxy": "fooproxy"}
 # -- /proc -------------------------------------------------------------------------
 def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` and its live descendants (``-workers N``), from /proc."""
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` and its live descendants, from /proc: user and kernel seconds.
+
+    A proxy's kernel time is the system calls it makes (a loopback ``send``
+    also does the receiver's TCP work and wakes it), so the split shows how
+    much of a proxy's cost its own code can still change.
+    """
     stats = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -130,19 +140,20 @@ def cpu_seconds(pid: int) -> float:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue  # exited meanwhile
-            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / CLK_TCK)
+            stats[int(entry)] = (int(fields[1]), int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK)
     if pid not in stats:
         raise ProcessLookupError(pid)
-    tree, total, grew = {pid}, 0.0, True
+    tree, user, system, grew = {pid}, 0.0, 0.0, True
     while grew:
         grew = False
-        for child, (ppid, _cpu) in stats.items():
+        for child, (ppid, _user, _system) in stats.items():
             if ppid in tree and child not in tree:
                 tree.add(child)
                 grew = True
     for member in tree:
-        total += stats[member][1]
-    return total
+        user += stats[member][1]
+        system += stats[member][2]
+    return user, system
 
 
 def machine_busy_seconds() -> float:
@@ -381,18 +392,20 @@ def load_run(
             if fooproxy and spy_dir:
                 spy = PySpy(fooproxy.pid, Path(spy_dir) / ("%s-proxy.speedscope.json" % load.key))
             pids = {"server": server.pid, **({path: front.pid} if front else {})}
-            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu0 = {name: cpu_split(pid) for name, pid in pids.items()}
             busy0, t0 = machine_busy_seconds(), time.monotonic()
             result = gen.run()
             wall = time.monotonic() - t0
-            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+            cpu1 = {name: cpu_split(pid) for name, pid in pids.items()}
+            cpu = {name: sum(cpu1[name]) - sum(cpu0[name]) for name in pids}
+            kernel = {name: cpu1[name][1] - cpu0[name][1] for name in pids}
             busy = machine_busy_seconds() - busy0
         finally:
             gen.close()
             if spy is not None:
                 spy.stop()
         after = read_stats(fooproxy) if fooproxy else None
-        rec = record(load, path, result, wall, cpu, before, after)
+        rec = record(load, path, result, wall, cpu, before, after, kernel)
         # What else ran meanwhile (other users of a shared machine): CPU % of one core.
         rec["other_cpu_pct"] = round(max(0.0, busy - result.cpu_s - sum(cpu.values())) * 100 / wall, 1)
         return rec
@@ -410,11 +423,13 @@ def record(
     cpu: dict[str, float],
     before: dict | None,
     after: dict | None,
+    kernel: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The record of one run, with fooproxy's count check and the saturation verdict.
 
     ``cpu`` has ``"server"`` and, through a proxy, ``path`` (``"proxy"`` or
-    ``"haproxy"``). Both proxies' µs/msg divide by REQs + answers: fooproxy's
+    ``"haproxy"``); ``kernel``, the same keys, the part of it spent in the
+    kernel. Both proxies' µs/msg divide by REQs + answers: fooproxy's
     own count (checked equal to the load generator's), HAProxy's from the
     load generator, which sent and received every message it relayed.
     """
@@ -449,6 +464,10 @@ def record(
             problems.append("proxy msg_nak %d != %d NAKs received" % (delta["msg_nak"], result.naks))
     elif path == "haproxy":
         rec["proxy_us_per_msg"] = us_per_msg(cpu["haproxy"], messages)
+    if kernel is not None:
+        rec["cpu_kernel_s"] = {k: round(v, 3) for k, v in kernel.items()}
+        if path != "direct" and cpu.get(path):
+            rec["proxy_kernel_share"] = round(kernel[path] / cpu[path], 3)
     rec["server_us_per_msg"] = us_per_msg(cpu["server"], messages)
     share = {"loadgen": max(result.worker_cpu_s or [0.0]) / wall, **{k: v / wall for k, v in cpu.items()}}
     rec["cpu_share"] = {k: round(v, 3) for k, v in share.items()}
@@ -655,6 +674,9 @@ def summarise(runs: list[dict[str, Any]], loads: Sequence[Workload] = LOADS) -> 
         row["haproxy_ratio"] = spread([r.get("ratio") for r in hap])
         hap_costs = spread([r.get("proxy_us_per_msg") for r in hap])
         row["haproxy_us_per_msg_median"] = hap_costs["median"] if hap_costs else None
+        for who, rs in (("proxy", foo), ("haproxy", hap)):
+            share = spread([r.get("proxy_kernel_share") for r in rs])
+            row["%s_kernel_share_median" % who] = share["median"] if share else None
         row["vs_haproxy"] = spread([r.get("vs_haproxy") for r in foo])
         if key == "W7":
             row["direct_p50_us"] = spread([r["p50_us"] for r in direct])
@@ -746,6 +768,14 @@ def run_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def kernel_shares(row: dict[str, Any]) -> str:
+    """`` (kernel 92 / 90 %)``: fooproxy's and HAProxy's median kernel share of CPU, or nothing if unrecorded."""
+    foo, hap = row.get("proxy_kernel_share_median"), row.get("haproxy_kernel_share_median")
+    if foo is None and hap is None:
+        return ""
+    return " (kernel %s / %s %%)" % (_fmt(foo and foo * 100, "%.0f"), _fmt(hap and hap * 100, "%.0f"))
+
+
 def summary_table(
     summary: dict[str, dict[str, Any]],
     foo_idle: dict[str, Any] | None,
@@ -788,7 +818,12 @@ def summary_table(
                 ),
                 _range(row["vs_haproxy"]) if row["vs_haproxy"] else empty,
                 ">= %.2f %s" % (target, row["verdict"]) if target else "-",
-                "%s / %s" % (_fmt(row["us_per_msg_median"], "%.1f"), _fmt(row["haproxy_us_per_msg_median"], "%.1f")),
+                "%s / %s%s"
+                % (
+                    _fmt(row["us_per_msg_median"], "%.1f"),
+                    _fmt(row["haproxy_us_per_msg_median"], "%.1f"),
+                    kernel_shares(row),
+                ),
             )
         )
     if "W7" in summary:
@@ -851,9 +886,10 @@ def summary_table(
         " through it, both proxies;"
     )
     lines.append(
-        "drift: 2nd direct run / 1st; other%: CPU used meanwhile by processes not in the benchmark (% of a core):"
-        " high means noisy"
+        "kernel: the part of each proxy's CPU spent in the kernel (its system calls), median;"
+        " drift: 2nd direct run / 1st;"
     )
+    lines.append("other%: CPU used meanwhile by processes not in the benchmark (% of a core): high means noisy")
     return "\n".join(lines)
 
 

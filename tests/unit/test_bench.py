@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +14,14 @@ from harness.bench import bench
 from harness.bench.bench import (
     added_us,
     annotate,
+    cpu_split,
     find_haproxy,
     haproxy_config,
     idle_verdicts,
     ratio,
     start_failure,
     summarise,
+    summary_table,
     us_per_msg,
     verdict,
 )
@@ -125,6 +128,51 @@ def test_summary_takes_medians_and_ranges_over_rounds_and_judges_vs_haproxy() ->
     assert (row["ratio_median"], row["ratio_min"], row["ratio_max"]) == (0.505, 0.475, 0.52)
     assert row["haproxy_ratio"]["median"] == 0.5
     assert (row["us_per_msg_median"], row["haproxy_us_per_msg_median"]) == (10.0, 8.0)
+
+
+def test_the_summary_shows_each_proxys_kernel_share_of_its_cpu() -> None:
+    runs = []
+    for rnd, (foo_share, hap_share) in enumerate([(0.9, 0.8), (0.92, 0.85), (0.5, 0.86)], 1):
+        rs = round_of("W2", 200.0, 100.0, 100.0, 200.0, rnd)
+        rs[1]["proxy_kernel_share"], rs[2]["proxy_kernel_share"] = hap_share, foo_share
+        runs += rs
+    annotate(runs)
+    summary = summarise(runs)
+    row = summary["W2"]
+    assert (row["proxy_kernel_share_median"], row["haproxy_kernel_share_median"]) == (0.9, 0.85)
+    assert "10.0 / 8.0 (kernel 90 / 85 %)" in summary_table(summary, None, None, {}, "")
+    for r in runs:  # an older record, without the split: the column is as it was
+        r.pop("proxy_kernel_share", None)
+    assert "10.0 / 8.0\n" in summary_table(summarise(runs), None, None, {}, "") + "\n"
+
+
+_BURN = (
+    "import os, sys, time\n"
+    "end = time.monotonic() + 0.5\n"
+    "if sys.argv[1] == 'kernel':\n"
+    "    fd = os.open('/dev/zero', os.O_RDONLY)\n"
+    "    while time.monotonic() < end: os.read(fd, 1 << 20)\n"
+    "else:\n"
+    "    while time.monotonic() < end: sum(range(1000))\n"
+    "print('done', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@pytest.mark.parametrize("where", ["kernel", "user"])
+def test_cpu_split_tells_kernel_time_from_user_time(where: str) -> None:
+    """A process reading /dev/zero spends its CPU in the kernel; one summing numbers, in user space."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _BURN, where], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline() == "done\n"
+        user, system = cpu_split(child.pid)
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+    assert user + system >= 0.3
+    assert (system > 2 * user) if where == "kernel" else (user > 2 * system), (user, system)
 
 
 @pytest.mark.parametrize(("key", "foo", "want"), [("W1", 91.0, "met"), ("W1", 89.0, "MISSED"), ("W3", 99.0, "MISSED")])
