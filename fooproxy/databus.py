@@ -1,11 +1,12 @@
 """DataBus: one client session, driven by libev watchers, with no greenlet of its own.
 
 Each direction is a ``Flow``: when its source is readable, one ``recv`` of up to
-64 KiB, one ``send`` of the chunk, then the lines the chunk finished are
-counted (so counts describe bytes handed to the destination). If the
-destination takes only part of it, reading stops and a write watcher sends the
-rest first: backpressure without buffering more than one chunk. Nothing waits
-for a whole line.
+64 KiB (and, when the chunk ends inside a line, one more non-blocking ``recv``
+for whatever of the rest has already arrived: ``Flow._read_more``), one
+``send`` of the chunk, then the lines the chunk finished are counted (so counts
+describe bytes handed to the destination). If the destination takes only part
+of it, reading stops and a write watcher sends the rest first: backpressure
+without buffering more than one chunk. Nothing waits for a whole line.
 
 Why callbacks and not a greenlet per direction: a parked greenlet keeps its
 saved C stack (~8 KiB each), and every wake-up is two switches through gevent's
