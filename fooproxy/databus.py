@@ -144,7 +144,7 @@ class Flow:
 
         One more non-blocking read, so that a line the peer wrote in pieces
         goes out in one send when its pieces are all here: the reference
-        server writes each answer in three (``ACK 11``, `` c0b3…``, ``\n``),
+        server writes each answer in three (``ACK 11``, `` c0b3…``, ``\\n``),
         and every send saved is a segment and a wake-up of the peer, most of a
         message's kernel time. EAGAIN sends what there is; EOF is read again
         at the next wake-up; an error waits in ``err_later`` until the next
