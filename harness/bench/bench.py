@@ -466,7 +466,7 @@ def record(
         rec["proxy_us_per_msg"] = us_per_msg(cpu["haproxy"], messages)
     if kernel is not None:
         rec["cpu_kernel_s"] = {k: round(v, 3) for k, v in kernel.items()}
-        if path != "direct" and cpu.get(path):
+        if cpu.get(path):  # a proxy run (a direct run has no "direct" entry)
             rec["proxy_kernel_share"] = round(kernel[path] / cpu[path], 3)
     rec["server_us_per_msg"] = us_per_msg(cpu["server"], messages)
     share = {"loadgen": max(result.worker_cpu_s or [0.0]) / wall, **{k: v / wall for k, v in cpu.items()}}
