@@ -35,8 +35,13 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 #define BUFSIZE 65536
 
@@ -1422,7 +1427,150 @@ set_clock(PyObject *module, PyObject *clock)
     Py_RETURN_NONE;
 }
 
+/* -- per connection: accept, connect, close without the GIL's drop and take ------------------ */
+/* Python's socket methods release the GIL around every call, also a call that cannot wait: on
+ * a thread-aware interpreter each release is a drop and a take of the GIL, ~800 instructions
+ * (callgrind, W4), and a client costs eight of them (accept and its EAGAIN, socket, two
+ * connects, setblocking, two closes).  These make the same non-blocking calls holding it, and
+ * accept4 passes O_NONBLOCK on (no ioctl after).  fooproxy/sockops.py is their Python fallback
+ * and says what each returns. */
+
+/* A socket object of `type` (socket.socket or _socket.socket) on fd, non-blocking; closes fd
+ * when it cannot be made. */
+static PyObject *
+socket_of(PyObject *type, int fd, int family)
+{
+    PyObject *sock = PyObject_CallFunction(type, "iiii", family, SOCK_STREAM | SOCK_NONBLOCK, 0, fd);
+    if (sock == NULL)
+        close(fd);
+    return sock;
+}
+
+static PyObject *
+address_of(const struct sockaddr_storage *ss, socklen_t len)
+{
+    char host[NI_MAXHOST];
+    int port, rc = getnameinfo((const struct sockaddr *)ss, len, host, sizeof host, NULL, 0, NI_NUMERICHOST);
+    if (rc != 0) {
+        PyErr_Format(PyExc_OSError, "getnameinfo: %s", gai_strerror(rc));
+        return NULL;
+    }
+    if (ss->ss_family == AF_INET) {
+        port = ntohs(((const struct sockaddr_in *)ss)->sin_port);
+        return Py_BuildValue("(si)", host, port);
+    }
+    const struct sockaddr_in6 *a6 = (const struct sockaddr_in6 *)ss;
+    return Py_BuildValue("(siII)", host, (int)ntohs(a6->sin6_port), (unsigned int)ntohl(a6->sin6_flowinfo),
+                         (unsigned int)a6->sin6_scope_id);
+}
+
+static PyObject *
+sock_accept(PyObject *module, PyObject *args)
+{
+    int listen_fd;
+    PyObject *type;
+    if (!PyArg_ParseTuple(args, "iO:accept", &listen_fd, &type))
+        return NULL;
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    int fd = accept4(listen_fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0)
+        return PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: BlockingIOError; EINTR: InterruptedError */
+    if (ss.ss_family != AF_INET && ss.ss_family != AF_INET6) {
+        close(fd); /* the listener is TCP over IP (listeners.bind): not reached */
+        PyErr_SetString(PyExc_OSError, "accept: not an IP client");
+        return NULL;
+    }
+    PyObject *address = address_of(&ss, len);
+    if (address == NULL) {
+        close(fd);
+        return NULL;
+    }
+    PyObject *sock = socket_of(type, fd, ss.ss_family);
+    if (sock == NULL) {
+        Py_DECREF(address);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", sock, address);
+}
+
+static PyObject *
+sock_connect_now(PyObject *module, PyObject *args)
+{
+    int family, port;
+    const char *host;
+    PyObject *type, *sockaddr;
+    if (!PyArg_ParseTuple(args, "iOO:connect_now", &family, &sockaddr, &type))
+        return NULL;
+    struct sockaddr_storage ss;
+    socklen_t len;
+    memset(&ss, 0, sizeof ss);
+    if (!PyTuple_Check(sockaddr) || PyTuple_GET_SIZE(sockaddr) < 2 ||
+        (host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(sockaddr, 0))) == NULL ||
+        (port = (int)PyLong_AsLong(PyTuple_GET_ITEM(sockaddr, 1))) < 0 || port > 65535) {
+        PyErr_Clear();
+        Py_RETURN_NONE; /* not a (host, port, ...) tuple of getaddrinfo's: the full way */
+    }
+    if (family == AF_INET) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET, host, &a->sin_addr) != 1)
+            Py_RETURN_NONE;
+        len = sizeof *a;
+    } else if (family == AF_INET6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        if (inet_pton(AF_INET6, host, &a->sin6_addr) != 1)
+            Py_RETURN_NONE;
+        len = sizeof *a;
+    } else
+        Py_RETURN_NONE;
+    int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        Py_RETURN_NONE; /* EMFILE: the full way reports it */
+    int rc = connect(fd, (struct sockaddr *)&ss, len);
+    if (rc < 0 && errno == EINPROGRESS)
+        rc = connect(fd, (struct sockaddr *)&ss, len); /* loopback: the handshake is done by now */
+    if (rc < 0 && errno == EISCONN)
+        rc = 0;
+    int one = 1;
+    if (rc < 0 || setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0) {
+        close(fd);
+        Py_RETURN_NONE;
+    }
+    return socket_of(type, fd, family);
+}
+
+static PyObject *s_detach;
+
+static PyObject *
+sock_close(PyObject *module, PyObject *args)
+{
+    PyObject *sock, *type;
+    if (!PyArg_ParseTuple(args, "OO:close", &sock, &type))
+        return NULL;
+    if (Py_TYPE(sock) != (PyTypeObject *)type) /* a gevent socket: its own close cancels its waiters */
+        return PyObject_CallMethodNoArgs(sock, s_close);
+    PyObject *fd = PyObject_CallMethodNoArgs(sock, s_detach);
+    if (fd == NULL)
+        return NULL;
+    long n = PyLong_AsLong(fd);
+    Py_DECREF(fd);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n >= 0)
+        close((int)n); /* a socket without SO_LINGER: close(2) does not wait; EINTR still closes (Linux) */
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
+    {"accept", sock_accept, METH_VARARGS,
+     "accept(listen_fd, socket_type): (sock, address), sock non-blocking; OSError (BlockingIOError: none)."},
+    {"connect_now", sock_connect_now, METH_VARARGS,
+     "connect_now(family, sockaddr, socket_type): a connected socket when the connect finished at once, else None."},
+    {"close", sock_close, METH_VARARGS, "close(sock, socket_type): close a bare socket (others: sock.close())."},
     {"set_clock", set_clock, METH_O,
      "For tests only: every Flow reads this clock instead of CLOCK_MONOTONIC (None: back to it)."},
     {"configure", configure, METH_O, "Take the layout constants (a dict; fooproxy/speedups.py makes it)."},
@@ -1456,6 +1604,7 @@ PyInit__flow(void)
     INTERN(s_close, "close");
     INTERN(s_answers_delivered, "answers_delivered");
     INTERN(s_block, "block");
+    INTERN(s_detach, "detach");
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;

@@ -231,6 +231,26 @@ class Balancer:
         """Like ``acquire`` on watchers, from the accept callback (see ``FailoverConnect``)."""
         return FailoverConnect(self, done)
 
+    def connect_now(self) -> socket | None:
+        """``connect_from_hub``'s fast path, for one upstream: a leased socket connected at once, else None.
+
+        With one upstream ``_pick`` always gives it (up or not: panic), so
+        when its connector connects at once (``Connector.connect_now``) nothing
+        is left to fail over. None: nothing was tried or recorded, take
+        ``connect_from_hub``. Several upstreams always take it (their order
+        and failover live in ``FailoverConnect``).
+        """
+        upstreams = self.upstreams
+        if len(upstreams) != 1:
+            return None
+        upstream = upstreams[0]
+        connector = upstream.connector
+        sock = connector.connect_now()
+        if sock is None:
+            return None
+        self._cursor += 1  # as _pick: one step per session
+        return self._lease(sock, upstream, connector)
+
     def messages_cell(self, sock: socket) -> int:
         """Where the session on ``sock`` counts its upstream's messages (``Stats.record``)."""
         lease = self._leases.get(sock)

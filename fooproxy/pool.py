@@ -141,6 +141,10 @@ class UpstreamPool(Connector):
             "UpstreamPool hands out connections with acquire(), in a greenlet; it has no connect_from_hub()"
         )
 
+    def connect_now(self) -> None:
+        """Never: a pooled connection comes from ``acquire`` (``Connector.connect_now`` would skip the slots)."""
+        return None
+
     def acquire(self) -> socket:
         """An idle healthy connection (newest first), a new one, or one freed within ``wait``."""
         if self._closed:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import _socket
 import logging
-import os
 import socket as _stdsocket
 import sys
 import time
@@ -15,6 +14,7 @@ from gevent.pool import Group
 from gevent.server import StreamServer
 from gevent.socket import socket
 
+from fooproxy import sockops
 from fooproxy.balancer import Balancer
 from fooproxy.config import Config
 from fooproxy.databus import INTERNAL, SHUT_DOWN, DataBus
@@ -109,32 +109,25 @@ class Proxy(StreamServer):
         ``__init__``, and later a Python close path), and goes through three more
         Python frames. A session only needs the fd (its libev watchers and
         non-blocking recv/send), so the client is the bare C socket
-        (``_socket.socket``); ``_close_client`` closes it.
+        (``_socket.socket``, made by ``sockops.accept``); ``_close_client`` closes it.
         """
-        accept = self.socket._accept  # the OS-level listener (non-blocking: gevent unwraps it at start)
-        family = self.family
+        listener = self.socket  # non-blocking (gevent unwraps it at start)
         accepted = False
         for _ in range(self.max_accept):
             if self.open_count >= self.config.max_conns:  # full(): the backlog holds the next ones
                 self.stop_accepting()
                 break
             try:
-                fd, address = accept()
-            except BlockingIOError:
-                break  # nobody else waiting
+                client, address = sockops.accept(listener)  # a bare, non-blocking socket
+            except (BlockingIOError, InterruptedError):
+                break  # nobody else waiting (or a signal): the listener stays readable
             except OSError as exc:
                 if not self.accept_pause.handles(exc):  # out of descriptors: pause, no traceback
                     self._accept_failed(self, read=True)
                 break
             accepted = True
-            try:
-                client = _socket.socket(family, _stdsocket.SOCK_STREAM, 0, fd)  # family given: no getsockopt
-            except BaseException:
-                os.close(fd)
-                raise
             self.open_count += 1
             try:
-                client.setblocking(False)  # accept() does not pass O_NONBLOCK on; the hub must never wait
                 if self._nodelay_per_client:
                     self._nodelay(client)
                 if self._from_hub:
@@ -211,6 +204,10 @@ class Proxy(StreamServer):
         self.stats.connection_opened()
         started = time.monotonic()
         connector = self.connector  # a reload may replace it meanwhile: this session stays with this one
+        upstream = connector.connect_now()  # connected at once (a server on this machine): no report to wait for
+        if upstream is not None:
+            self._begin(client, address, started, upstream, connector)
+            return
         # The report goes to a bound method with the client's facts bound (a C-level
         # partial), not to a closure: one Python frame less per client.
         done = partial(self._upstream_reported, client, address, started, connector)
@@ -285,7 +282,7 @@ class Proxy(StreamServer):
 
         ``address`` None: a client not counted as opened yet (closed on the way in).
         """
-        client.close()
+        sockops.close(client)
         if how == INTERNAL:
             self.stats.internal_error()
         if address is not None:
