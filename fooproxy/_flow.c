@@ -32,6 +32,7 @@
 #include <structmember.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -539,6 +540,63 @@ Flow_dealloc(Flow *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Spare read watchers: a closed Flow's reader, stopped, for the next Flow to take with a new fd.
+ * A new gevent io watcher costs a Cython object, an fcntl(F_GETFD) (gevent's check that the fd
+ * is open) and its dealloc; setting a stopped one's fd is ev_io_set (its callback and arguments
+ * were dropped by stop()).  Only the loop of the first pooled watcher is pooled for: the hub's. */
+#define SPARE_MAX 64
+static PyObject *spare_readers[SPARE_MAX];
+static Py_ssize_t n_spare;
+static PyObject *spare_loop; /* the loop the spares belong to (a strong reference), or NULL */
+static PyObject *s_fd;
+
+/* A read watcher on fd from loop: a spare one, or loop.io(fd, 1). */
+static PyObject *
+reader_for(PyObject *loop, int fd)
+{
+    if (n_spare == 0 || loop != spare_loop)
+        return PyObject_CallMethod(loop, "io", "ii", fd, 1);
+    if (fd < 0 || fcntl(fd, F_GETFD) < 0) { /* gevent's own check, with its errors */
+        if (fd < 0)
+            PyErr_Format(PyExc_ValueError, "fd must be non-negative: %d", fd);
+        else
+            PyErr_SetFromErrno(PyExc_OSError);
+        return NULL;
+    }
+    PyObject *w = spare_readers[--n_spare];
+    PyObject *fdobj = PyLong_FromLong(fd);
+    if (fdobj == NULL || PyObject_SetAttr(w, s_fd, fdobj) < 0) {
+        Py_XDECREF(fdobj);
+        Py_DECREF(w);
+        return NULL;
+    }
+    Py_DECREF(fdobj);
+    return w;
+}
+
+/* Flow.close's end of the reader: stopped and kept as a spare, or closed.  0, or -1 with an error. */
+static int
+retire_reader(Flow *self)
+{
+    PyObject *w = self->reader, *r;
+    if (spare_loop == NULL) {
+        Py_INCREF(self->loop);
+        spare_loop = self->loop;
+    }
+    if (self->loop != spare_loop || n_spare >= SPARE_MAX)
+        r = PyObject_CallMethodNoArgs(w, s_close);
+    else if ((r = PyObject_CallMethodNoArgs(w, s_stop)) != NULL) {
+        Py_INCREF(w);
+        spare_readers[n_spare++] = w;
+        Py_INCREF(Py_None);
+        Py_SETREF(self->reader, Py_None);
+    }
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
 static PyObject *
 Flow_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
@@ -604,7 +662,7 @@ Flow_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     self->on_writable = PyObject_GetAttrString((PyObject *)self, "on_writable");
     if (self->on_readable == NULL || self->on_writable == NULL)
         goto fail;
-    self->reader = PyObject_CallMethod(loop, "io", "ii", src_fd, 1);
+    self->reader = reader_for(loop, src_fd);
     if (self->reader == NULL)
         goto fail;
     return (PyObject *)self;
@@ -1234,10 +1292,9 @@ Flow_start(Flow *self, PyObject *unused)
 static PyObject *
 Flow_close(Flow *self, PyObject *unused)
 {
-    PyObject *r = PyObject_CallMethodNoArgs(self->reader, s_close);
-    if (r == NULL)
+    PyObject *r;
+    if (self->reader != Py_None && retire_reader(self) < 0) /* None: closed before */
         return NULL;
-    Py_DECREF(r);
     if (self->writer != NULL) {
         r = PyObject_CallMethodNoArgs(self->writer, s_close);
         if (r == NULL)
@@ -1605,6 +1662,7 @@ PyInit__flow(void)
     INTERN(s_answers_delivered, "answers_delivered");
     INTERN(s_block, "block");
     INTERN(s_detach, "detach");
+    INTERN(s_fd, "fd");
     PyObject *m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;

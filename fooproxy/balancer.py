@@ -113,13 +113,11 @@ class Upstream:
             self.publish()  # the only change of ``up`` a connect makes (the checker publishes its own)
         self.active += 1
         self.total += 1
-        stats = self.balancer.stats
-        stats.add_upstream(self.entry, "sessions_active")
-        stats.add_upstream(self.entry, "sessions_total")
+        self.balancer.stats.upstream_session(self.entry, True)
 
     def released(self) -> None:
         self.active -= 1
-        self.balancer.stats.add_upstream(self.entry, "sessions_active", -1)
+        self.balancer.stats.upstream_session(self.entry, False)
 
     def failed(self, exc: UpstreamError, now: float) -> None:
         """A client's connect failed: passive detection (``-max-fails`` within ``-health-interval``)."""

@@ -209,13 +209,15 @@ _CFlow = speedups.FLOW.Flow if speedups.FLOW is not None else None
 FLOW_TYPES: tuple[type, ...] = (Flow,) if _CFlow is None else (Flow, _CFlow)
 
 
-def new_flow(bus: DataBus, src: socket, dst: socket, to_server: bool, stats: Stats, messages_cell: int) -> Flow:
-    """One direction of ``bus``: the C Flow when it is built (speedups.py), else the Python one above."""
+def new_flows(bus: DataBus, client: socket, upstream: socket, stats: Stats, messages_cell: int) -> tuple[Flow, Flow]:
+    """Both directions of ``bus``, client->server first: C Flows when built (speedups.py), else the Python one above."""
     if _CFlow is None:
-        return Flow(bus, src, dst, to_server)
+        return Flow(bus, client, upstream, True), Flow(bus, upstream, client, False)
     record = None if speedups.records_in_c(stats) else stats.record
-    return _CFlow(bus, _raw(src).fileno(), _raw(dst).fileno(), to_server, gevent.get_hub().loop, stats, record,
-                  messages_cell)  # fmt: skip
+    loop = gevent.get_hub().loop
+    cfd, ufd = _raw(client).fileno(), _raw(upstream).fileno()
+    return (_CFlow(bus, cfd, ufd, True, loop, stats, record, messages_cell),
+            _CFlow(bus, ufd, cfd, False, loop, stats, record, messages_cell))  # fmt: skip
 
 
 class DataBus:
@@ -251,8 +253,7 @@ class DataBus:
         self.linger = linger
         self.idle_timeout = idle_timeout
         self.keep_upstream = keep_upstream
-        self.c2s_flow = new_flow(self, client, upstream, True, stats, messages_cell)
-        self.s2c_flow = new_flow(self, upstream, client, False, stats, messages_cell)
+        self.c2s_flow, self.s2c_flow = new_flows(self, client, upstream, stats, messages_cell)
         self.client_eof = False
         self.upstream_eof = False
         self.ending: str | None = None
@@ -335,7 +336,8 @@ class DataBus:
 
     def _client_eof(self) -> None:
         self.client_eof = True
-        if self.answered:
+        back = self.s2c_flow  # self.answered, inlined: the path every session ends by
+        if self.c2s_flow.lines <= back.lines and back.unsent is None and not back.counter.pending:
             self.finish(CLIENT_CLOSED)  # the common case; closing the upstream says the rest
             return
         self.c2s_flow.reader.stop()

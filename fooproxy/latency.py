@@ -172,6 +172,9 @@ class Timer(_TimerBase):  # type: ignore[misc,valid-type]
 
     def close(self) -> int:
         """The session ended: its REQs still owed count as unanswered. Returns how many."""
+        if not self.head_r and not self.fifo:  # nothing owed: how a lockstep session ends
+            self.head_o = 0
+            return 0
         owed = sum(r for _, r, _ in self._unfold())
         self.fifo.clear()
         if owed:

@@ -70,6 +70,7 @@ _LATENCY = _UPSTREAMS_AT + UPSTREAM_ENTRIES * UPSTREAM_CELLS
 BLOCK_CELLS = _LATENCY + latency.CELLS
 BLOCK_BYTES = BLOCK_CELLS * 8
 _UP_FIELD = {name: _ADDRESS_CELLS + i for i, name in enumerate(UPSTREAM_FIELDS)}
+_UP_ACTIVE, _UP_TOTAL = _UP_FIELD["sessions_active"], _UP_FIELD["sessions_total"]
 
 # Cell indices for the hot path, derived from COUNTERS (never a literal order).
 _REQ, _ACK, _NAK, _INV, _ACTIVE, _TOTAL, _B_C2S, _B_S2C, _UPERR, _INTERNAL = (
@@ -348,6 +349,16 @@ class Stats:
     def add_upstream(self, entry: int, name: str, value: int = 1) -> None:
         if entry >= 0:
             self.block[_entry_at(entry) + _UP_FIELD[name]] += value
+
+    def upstream_session(self, entry: int, opened: bool) -> None:
+        """A session started on upstream ``entry`` (``sessions_active`` and ``_total`` + 1), or ended (active - 1)."""
+        if entry >= 0:
+            at = _entry_at(entry)
+            if opened:
+                self.block[at + _UP_ACTIVE] += 1
+                self.block[at + _UP_TOTAL] += 1
+            else:
+                self.block[at + _UP_ACTIVE] -= 1
 
     def messages_cell(self, entry: int) -> int:
         """The cell counting the messages of upstream ``entry``'s sessions, for ``record`` (0: none)."""

@@ -324,3 +324,47 @@ def test_a_c_flow_takes_only_a_timer_state_as_its_timer():
             assert isinstance(s.bus.timer, flow.TimerState)
         finally:
             s.close()
+
+
+@needs_c
+def test_a_closed_flows_reader_is_stopped_and_serves_the_next_flow_on_its_own_fd():
+    """Flow.close keeps its read watcher as a spare (stopped, no callback); the next Flow watches its own fd."""
+    first = Session(True, Clock(), pytest.MonkeyPatch())
+    reader = first.bus.c2s_flow.reader
+    first.bus.start(lambda bus: None)
+    first.bus.finish("test")
+    assert not reader.active and reader.callback is None  # holds nothing of the closed session
+    assert first.bus.c2s_flow.reader is None
+    second = Session(True, Clock(), pytest.MonkeyPatch())
+    try:
+        flows = (second.bus.c2s_flow, second.bus.s2c_flow)
+        assert any(f.reader is reader for f in flows)  # a spare, not a new watcher
+        assert {f.reader.fd for f in flows} == {second.bus.client.fileno(), second.bus.upstream.fileno()}
+        second.bus.start(lambda bus: None)
+        second.client_peer.sendall(b"REQ 1 a\n")
+        second.server_peer.settimeout(5)
+        assert second.server_peer.recv(64) == b"REQ 1 a\n"  # through the hub, on the reused watcher
+        second.server_peer.sendall(b"ACK 1 h\n")
+        second.client_peer.settimeout(5)
+        assert second.client_peer.recv(64) == b"ACK 1 h\n"
+        assert flows[0].lines == 1 and flows[1].lines == 1
+    finally:
+        second.bus.finish("test")
+        second.close()
+        first.close()
+
+
+@needs_c
+def test_a_flow_on_a_closed_fd_is_refused_as_a_new_watcher_would_refuse_it():
+    warm = Session(True, Clock(), pytest.MonkeyPatch())
+    warm.bus.start(lambda bus: None)
+    warm.bus.finish("test")  # at least one spare reader now
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)  # a descriptor number nothing has open
+    loop = gevent.get_hub().loop
+    try:
+        for bad, error in ((fd, OSError), (-1, ValueError)):
+            with pytest.raises(error):
+                flow.Flow(None, bad, 1, True, loop, warm.stats, None, 0)
+    finally:
+        warm.close()
