@@ -231,7 +231,7 @@ class DataBus:
     """
 
     __slots__ = ("client", "upstream", "record", "linger", "idle_timeout", "keep_upstream", "c2s_flow", "s2c_flow",
-                 "client_eof", "upstream_eof", "ending", "last_active", "_moved", "_timers",
+                 "client_eof", "upstream_eof", "ending", "last_active", "_moved", "_timers", "_sweep",
                  "_on_end", "_idle_due", "timer", "messages_cell")  # fmt: skip
 
     def __init__(
@@ -260,6 +260,7 @@ class DataBus:
         self.last_active = time.monotonic()
         self._moved = 0
         self._timers: list = []
+        self._sweep: IdleSweep | None = None
         self._on_end: Callable[[DataBus], None] | None = None
         self._idle_due: Any = None  # the one-shot timer of an idle end due before the next tick
         #: Times each REQ until its answer (``latency.py``); None with ``-latency off``.
@@ -302,13 +303,14 @@ class DataBus:
         """Start moving bytes; ``on_end(self)`` is called once, in the hub, when the session ends."""
         self._on_end = on_end
         if self.idle_timeout:
-            # One repeating timer watching the byte counters, rather than a
-            # timeout armed per wait (no cost per chunk). The last byte is
-            # noticed at most one period (idle_timeout / 4) late, and the end
+            # A repeating check of the byte counters, rather than a timeout
+            # armed per wait (no cost per chunk), shared by every session with
+            # the same period (IdleSweep: no timer per session). The last byte
+            # is noticed at most one period (idle_timeout / 4) late, and the end
             # is checked exactly when due (see _check_idle), so the session
             # ends between 1 and 1.25 x idle_timeout after its last byte.
-            period = max(self.idle_timeout / 4, 0.01)
-            self._timer(period, self._check_idle, repeat=period)
+            self._sweep = IdleSweep.of(max(self.idle_timeout / 4, 0.01))
+            self._sweep.add(self)
         self.c2s_flow.start()
         self.s2c_flow.start()
 
@@ -406,6 +408,9 @@ class DataBus:
             self.ending = how
         self.c2s_flow.close()
         self.s2c_flow.close()
+        if self._sweep is not None:
+            self._sweep.discard(self)
+            self._sweep = None
         for timer in self._timers:
             timer.close()
         self._timers = []
@@ -429,3 +434,48 @@ class DataBus:
             callback()
         except Exception:
             self.crashed()
+
+
+class IdleSweep:
+    """The idle check of every session with the same period: one repeating timer for all, not one each.
+
+    A timer per session costs a libev watcher made, started and closed per
+    client (W4's churn pays it every 10 requests). Sessions join at start and
+    leave at their end; the timer runs only while one is in, and each tick
+    calls every session's ``_check_idle`` (guarded: a bug ends that session
+    only). A tick every ``idle_timeout / 4`` over a few thousand sessions is a
+    few milliseconds per period.
+    """
+
+    _by_loop: dict[tuple[Any, float], IdleSweep] = {}
+
+    def __init__(self, loop: Any, period: float) -> None:
+        self.sessions: set[DataBus] = set()
+        self.timer = loop.timer(period, period)
+
+    @classmethod
+    def of(cls, period: float) -> IdleSweep:
+        """The sweep of this thread's hub for ``period`` (made on first use)."""
+        loop = gevent.get_hub().loop
+        sweep = cls._by_loop.get((loop, period))
+        if sweep is None:
+            for key, old in list(cls._by_loop.items()):  # a period no session uses any more (a reload changed it)
+                if not old.sessions:
+                    old.timer.close()
+                    del cls._by_loop[key]
+            sweep = cls._by_loop[(loop, period)] = cls(loop, period)
+        return sweep
+
+    def add(self, bus: DataBus) -> None:
+        self.sessions.add(bus)
+        if not self.timer.active:
+            self.timer.start(self._tick)
+
+    def discard(self, bus: DataBus) -> None:
+        self.sessions.discard(bus)
+        if not self.sessions:
+            self.timer.stop()  # nothing to watch: an idle proxy has no timer firing
+
+    def _tick(self) -> None:
+        for bus in list(self.sessions):  # a check may end its session (which leaves the set)
+            bus._guarded(bus._check_idle)

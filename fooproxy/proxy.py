@@ -269,7 +269,7 @@ class Proxy(StreamServer):
         """DataBus end callback, in the hub: release the upstream (to its own connector), close the client."""
         self.sessions.discard(bus)
         try:
-            connector.release(bus.upstream, bus.clean)
+            connector.release(bus.upstream, connector.reuses and bus.clean)  # clean: only a pool asks
         except Exception:  # a bug of ours: the client is still closed and counted below
             log.exception("%s: releasing the upstream failed", _peer(address))
             bus.upstream.close()

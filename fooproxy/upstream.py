@@ -78,6 +78,8 @@ class Connector:
         self.address = address
         self.connect_timeout = connect_timeout
         self._targets: list[tuple] | None = None
+        self._now_of: list[tuple] | None = None  # the targets ``_now`` was decided for
+        self._now: tuple | None = None  # their first, when on loopback: what connect_now tries
         self._refresh: gevent.Greenlet | None = None
         self._refreshed_at = float("-inf")
 
@@ -127,13 +129,13 @@ class Connector:
         reports. A remote target is never tried here, so no SYN is wasted.
         """
         targets = self._targets
-        if not targets:
-            return None
-        family, sockaddr = targets[0]
-        if not _loopback(family, sockaddr):
+        if targets is not self._now_of:  # resolved (again) since the last client: is its first target local?
+            self._now_of = targets
+            self._now = targets[0] if targets and _loopback(*targets[0]) else None
+        if self._now is None:
             return None
         started = time.monotonic()
-        sock = sockops.connect_now(family, sockaddr)
+        sock = sockops.connect_now(*self._now)
         if sock is not None and self.connect_timer is not None:
             self.connect_timer(time.monotonic() - started)
         return sock

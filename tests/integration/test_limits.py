@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
+import gevent
 import pytest
 from conftest import closed_by_proxy
 from gevent.event import Event
 from gevent.server import StreamServer
 
 from fooproxy.config import Address
+from fooproxy.databus import IdleSweep
 from tests.helpers import connect, read_lines, totals, wait_until
 
 
@@ -105,6 +107,38 @@ def test_idle_timeout_counts_client_to_server_traffic(mini_server, proxy_for):
     srv.release.set()
     assert read_lines(c, i) == [b"ACK %d ok" % k for k in range(i)]
     assert totals(d)["connections_active"] == 1
+
+
+def test_sessions_sharing_one_idle_check_end_each_on_its_own_silence(mini_server, proxy_for):
+    """One repeating check serves every session (IdleSweep): the silent one ends on time, the busy
+    one stays, and once no session is left the check stops (an idle proxy has no timer firing)."""
+    srv = mini_server()
+    d = proxy_for(srv.address, idle_timeout=0.25)
+    busy, quiet = connect(d.address), connect(d.address)
+    for c in (busy, quiet):
+        c.sendall(b"REQ 0 a\n")
+        assert read_lines(c, 1) == [b"ACK 0 ok"]
+    quiet_since = time.monotonic()
+    sweeps = [s for s in IdleSweep._by_loop.values() if s.sessions]
+    assert len(sweeps) == 1 and len(sweeps[0].sessions) == 2 and sweeps[0].timer.active
+
+    def talk() -> list[bytes]:
+        got = []
+        for i in range(1, 9):  # 0.64 s of traffic on one, silence on the other
+            busy.sendall(b"REQ %d a\n" % i)
+            got += read_lines(busy, 1)
+            gevent.sleep(0.08)  # the pace of the busy client's lines, not a wait for an event
+        return got
+
+    talker = gevent.spawn(talk)
+    assert closed_by_proxy(quiet, timeout=2)
+    assert 0.25 <= time.monotonic() - quiet_since < 0.25 * 1.25 + 0.2  # its own timeout, not the busy one's
+    assert talker.get(timeout=5) == [b"ACK %d ok" % i for i in range(1, 9)]
+    busy.sendall(b"REQ 9 a\n")
+    assert read_lines(busy, 1) == [b"ACK 9 ok"]  # still open: its traffic counted
+    busy.close()
+    assert wait_until(lambda: totals(d)["connections_active"] == 0)
+    assert not sweeps[0].sessions and not sweeps[0].timer.active
 
 
 def test_idle_timeout_counts_server_to_client_traffic(proxy_for):
