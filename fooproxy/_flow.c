@@ -659,8 +659,7 @@ Flow_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     if (self->counter == NULL)
         goto fail;
     self->on_readable = PyObject_GetAttrString((PyObject *)self, "on_readable");
-    self->on_writable = PyObject_GetAttrString((PyObject *)self, "on_writable");
-    if (self->on_readable == NULL || self->on_writable == NULL)
+    if (self->on_readable == NULL) /* on_writable: made on the first short write (most sessions have none) */
         goto fail;
     self->reader = reader_for(loop, src_fd);
     if (self->reader == NULL)
@@ -1158,7 +1157,7 @@ static PyObject *
 Flow_on_readable(Flow *self, PyObject *unused)
 {
     PyObject *r = NULL;
-    if (self->bus == Py_None || self->on_writable == NULL)
+    if (self->bus == Py_None || self->on_readable == NULL)
         Py_RETURN_NONE; /* closed: a callback already queued this turn */
     Py_INCREF(self);
     if (self->err_later) { /* the extra read's error, after the chunk it followed was delivered */
@@ -1211,8 +1210,13 @@ Flow_on_readable(Flow *self, PyObject *unused)
         self->chunk_sent = sent;
         PyObject *x = self->chunk ? PyObject_CallMethodNoArgs(self->reader, s_stop) : NULL;
         Py_XDECREF(x);
-        if (x != NULL && self->writer == NULL)
+        if (x != NULL && self->writer == NULL) {
             self->writer = PyObject_CallMethod(self->loop, "io", "ii", self->dst_fd, 2);
+            if (self->on_writable == NULL && self->writer != NULL)
+                self->on_writable = PyObject_GetAttrString((PyObject *)self, "on_writable");
+            if (self->on_writable == NULL)
+                Py_CLEAR(self->writer); /* the error is set: handled below */
+        }
         x = (x != NULL && self->writer != NULL)
                 ? PyObject_CallMethodObjArgs(self->writer, s_start, self->on_writable, NULL)
                 : NULL;

@@ -448,8 +448,10 @@ class IdleSweep:
     """
 
     _by_loop: dict[tuple[Any, float], IdleSweep] = {}
+    _last: IdleSweep | None = None  # the one ``of`` returned last
 
     def __init__(self, loop: Any, period: float) -> None:
+        self.loop, self.period = loop, period
         self.sessions: set[DataBus] = set()
         self.timer = loop.timer(period, period)
 
@@ -457,13 +459,19 @@ class IdleSweep:
     def of(cls, period: float) -> IdleSweep:
         """The sweep of this thread's hub for ``period`` (made on first use)."""
         loop = gevent.get_hub().loop
+        last = cls._last
+        if last is not None and last.period == period and last.loop is loop:
+            return last  # the same as the previous session's: no key to build
         sweep = cls._by_loop.get((loop, period))
         if sweep is None:
             for key, old in list(cls._by_loop.items()):  # a period no session uses any more (a reload changed it)
                 if not old.sessions:
                     old.timer.close()
                     del cls._by_loop[key]
+                    if old is cls._last:
+                        cls._last = None
             sweep = cls._by_loop[(loop, period)] = cls(loop, period)
+        cls._last = sweep
         return sweep
 
     def add(self, bus: DataBus) -> None:
