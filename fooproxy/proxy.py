@@ -36,8 +36,9 @@ class Proxy(StreamServer):
     pre-bound listener and gives each an upstream connection and a DataBus.
 
     The connector says how it connects (``connects_from_hub``): without a
-    pool, the upstream is connected from the accept callback on watchers
-    (``HubConnect``) and the session runs on watchers (``DataBus``): no
+    pool, the upstream is connected from the accept callback (at once when
+    the server is on loopback: ``connect_now``; else on watchers, a
+    ``HubConnect``) and the session runs on watchers (``DataBus``): no
     greenlet per client. With a pool (which may queue a client), a short-lived
     handler greenlet gets the upstream and exits once the session has started.
     Session state lives on the DataBus; what the close line needs (address,
