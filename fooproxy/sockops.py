@@ -46,6 +46,35 @@ def accept(listener: _stdsocket.socket) -> tuple[_socket.socket, tuple]:
     return client, address
 
 
+def start_connect(family: int, sockaddr: tuple) -> tuple[_socket.socket, int]:
+    """A bare non-blocking socket with its connect to ``sockaddr`` started, and where it stands.
+
+    The error is 0 (connected), EINPROGRESS (still going: wait until
+    writable), or the failure (ECONNREFUSED...; the socket is then the
+    caller's to close). Raises ``OSError`` when no socket can be made (EMFILE).
+    """
+    sock = _SOCKET(family, _STREAM)
+    try:
+        if not _NONBLOCK:
+            sock.setblocking(False)
+        err = sock.connect_ex(sockaddr)  # non-blocking: returns at once
+        if err == errno.EINPROGRESS:
+            # Ask again before arming watchers: to a server on this machine (loopback)
+            # the handshake has usually finished by now, and the second connect says
+            # so (0), or gives the failure (ECONNREFUSED). That saves an io watcher, a
+            # timer and a wake-up of the loop per connection; still in progress
+            # (EALREADY) is the remote case, a cheap syscall more.
+            err = sock.connect_ex(sockaddr)
+            if err == errno.EISCONN:
+                err = 0
+            elif err == errno.EALREADY:
+                err = errno.EINPROGRESS
+    except BaseException:
+        sock.close()
+        raise
+    return sock, err
+
+
 def connect_now(family: int, sockaddr: tuple) -> _socket.socket | None:
     """A bare non-blocking socket connected to ``sockaddr`` with TCP_NODELAY, if the connect finished at once.
 
@@ -57,20 +86,15 @@ def connect_now(family: int, sockaddr: tuple) -> _socket.socket | None:
     if _C is not None:
         return _C.connect_now(family, sockaddr, _SOCKET)
     try:
-        sock = _SOCKET(family, _STREAM)
-        if not _NONBLOCK:
-            sock.setblocking(False)
+        sock, err = start_connect(family, sockaddr)
     except OSError:
         return None
     try:
-        err = sock.connect_ex(sockaddr)
-        if err == errno.EINPROGRESS:
-            err = sock.connect_ex(sockaddr)
-        if err in (0, errno.EISCONN):
+        if err == 0:
             sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
             return sock
     except OSError:
-        pass
+        pass  # reset already: the full way tries again and reports
     sock.close()
     return None
 

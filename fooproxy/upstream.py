@@ -194,8 +194,6 @@ def _loopback(family: int, sockaddr: tuple) -> bool:
 
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EAGAIN, errno.EINTR})
-_NONBLOCK = getattr(_stdsocket, "SOCK_NONBLOCK", 0)  # Linux: created non-blocking, no fcntl/ioctl after
-_STREAM = _stdsocket.SOCK_STREAM | _NONBLOCK
 
 
 class HubConnect:
@@ -266,25 +264,11 @@ class HubConnect:
                 # The bare C socket, not a gevent one: the session only needs the fd
                 # (libev watchers, non-blocking recv/send), and gevent's wrapper costs
                 # Python frames to make and again to close, per connection. Whoever gets
-                # it closes it with ``close()`` (a Connector's ``release``).
-                sock = _socket.socket(family, _STREAM)
-                if not _NONBLOCK:
-                    sock.setblocking(False)
+                # it closes it (a Connector's ``release``).
+                sock, err = sockops.start_connect(family, sockaddr)
             except OSError as exc:  # EMFILE: out of descriptors
                 self.last = exc
                 continue
-            err = sock.connect_ex(sockaddr)  # non-blocking: returns at once
-            if err == errno.EINPROGRESS:
-                # Ask again before arming watchers: to a server on this machine (loopback)
-                # the handshake has usually finished by now, and the second connect says
-                # so (0), or gives the failure (ECONNREFUSED). That saves an io watcher, a
-                # timer and a wake-up of the loop per connection; still in progress
-                # (EALREADY) is the remote case, a cheap syscall more than before.
-                err = sock.connect_ex(sockaddr)
-                if err == errno.EISCONN:
-                    err = 0
-                elif err == errno.EALREADY:
-                    err = errno.EINPROGRESS
             if err == 0:
                 self._connected(sock)
                 return
