@@ -75,6 +75,7 @@ class LoopCounts:
     sessions: int = 0
     requests: int = 0
     errors: list[str] = field(default_factory=list)
+    cut_started: list[float] = field(default_factory=list)  # time.monotonic() when each cut session connected
 
 
 class ClientLoop(threading.Thread):
@@ -100,6 +101,7 @@ class ClientLoop(threading.Thread):
         while not self._halt.is_set() and time.monotonic() < deadline:
             c = self.counts
             c.attempted += 1
+            started = time.monotonic()
             try:
                 sock = socket.create_connection(self.address, timeout=10)
             except OSError as exc:
@@ -118,11 +120,14 @@ class ClientLoop(threading.Thread):
                     got = [reader.readline() for _ in sent]
                 except OSError as exc:
                     c.cut += 1
-                    c.errors.append("session: %s" % exc)
+                    c.cut_started.append(started)
+                    c.errors.append("session: %s (connected at %.6f)" % (exc, started))
                     continue
                 if any(not line.endswith(b"\n") for line in got):
                     c.cut += 1
-                    c.errors.append("session cut after %d answers" % sum(line.endswith(b"\n") for line in got))
+                    c.cut_started.append(started)
+                    answers = sum(line.endswith(b"\n") for line in got)
+                    c.errors.append("session cut after %d answers (connected at %.6f)" % (answers, started))
                     continue
                 want = [answer(b"REQ", s, d) for s, d in sent]
                 if got != want:

@@ -71,6 +71,7 @@ def stop_loops(loops: list[ClientLoop]):
     total = {k: sum(getattr(c, k) for c in counts) for k in ("attempted", "refused", "cut", "wrong", "sessions",
                                                               "requests")}  # fmt: skip
     total["errors"] = [e for c in counts for e in c.errors]
+    total["cut_started"] = [t for c in counts for t in c.cut_started]
     return total
 
 
@@ -107,7 +108,7 @@ def test_kill_one_upstream_its_clients_go_to_the_other_then_it_comes_back(procs,
     assert poll(sessions_after(loops, 10), timeout=30)
     assert sessions_of(http, a) > 0 and sessions_of(http, b) > 0
     a.stop()  # the reference server dies on SIGTERM: the sessions on it end
-    killed_at = time.monotonic()
+    killed_at = time.monotonic()  # a is reaped: from here on a connect to it is refused
     assert poll(lambda: not upstreams(http)[a.address]["up"], timeout=5)
     down_after = time.monotonic() - killed_at
     before = sessions_of(http, a)
@@ -116,8 +117,15 @@ def test_kill_one_upstream_its_clients_go_to_the_other_then_it_comes_back(procs,
     status, health = http_get(http, "/health")
     assert status == 200 and health["upstreams"][a.address]["state"] == "down", health
     during = stop_loops(loops)
-    # Only a session that was on a when it died may be cut (one per loop at most); nothing refused.
-    assert during["refused"] == 0 and during["wrong"] == 0 and during["cut"] <= len(loops), during["errors"][:5]
+    # Only a session that connected before a was gone may be cut; nothing refused, nothing wrong.
+    # Not "one per loop at most": while server-linux dies its connections are reset before its
+    # listener closes, so for a moment a new connect to it still succeeds and is reset at once. A
+    # sequential client straight on server-linux meets the same: two of its sessions cut by one
+    # death, 8 times in 40 (README: Several upstreams, "A server that dies"). After the death
+    # every session fails over to b, so a cut session that connected after killed_at is the
+    # proxy's fault. A session refused by a while it died fails over too: upstream_errors below.
+    late = [t for t in during["cut_started"] if t > killed_at]
+    assert during["refused"] == 0 and during["wrong"] == 0 and late == [], (killed_at, during["errors"][:5])
     back = procs.server(peers, listen=a.address)
     assert poll(lambda: upstreams(http)[a.address]["up"], timeout=10)
     for i in range(6):
