@@ -1535,8 +1535,13 @@ sock_accept(PyObject *module, PyObject *args)
     struct sockaddr_storage ss;
     socklen_t len = sizeof ss;
     int fd = accept4(listen_fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0)
-        return PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: BlockingIOError; EINTR: InterruptedError */
+    if (fd < 0) {
+        /* Nobody waiting ends every accept loop, once per wake-up: None, not BlockingIOError,
+         * whose errno mapping, strerror text and traceback cost more than the accept itself. */
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            Py_RETURN_NONE;
+        return PyErr_SetFromErrno(PyExc_OSError); /* EINTR: InterruptedError; EMFILE... */
+    }
     if (ss.ss_family != AF_INET && ss.ss_family != AF_INET6) {
         close(fd); /* the listener is TCP over IP (listeners.bind): not reached */
         PyErr_SetString(PyExc_OSError, "accept: not an IP client");

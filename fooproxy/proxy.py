@@ -119,13 +119,16 @@ class Proxy(StreamServer):
                 self.stop_accepting()
                 break
             try:
-                client, address = sockops.accept(listener)  # a bare, non-blocking socket
-            except (BlockingIOError, InterruptedError):
-                break  # nobody else waiting (or a signal): the listener stays readable
+                accepted_client = sockops.accept(listener)  # a bare, non-blocking socket, or None
+            except InterruptedError:
+                break  # a signal: the listener stays readable
             except OSError as exc:
                 if not self.accept_pause.handles(exc):  # out of descriptors: pause, no traceback
                     self._accept_failed(self, read=True)
                 break
+            if accepted_client is None:
+                break  # nobody else waiting
+            client, address = accepted_client
             accepted = True
             self.open_count += 1
             try:

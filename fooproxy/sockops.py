@@ -24,15 +24,20 @@ _STREAM = _stdsocket.SOCK_STREAM | _NONBLOCK
 _C = native.EXT
 
 
-def accept(listener: _stdsocket.socket) -> tuple[_socket.socket, tuple]:
-    """One waiting client of ``listener`` as a bare non-blocking ``_socket.socket``, and its address.
+def accept(listener: _stdsocket.socket) -> tuple[_socket.socket, tuple] | None:
+    """One waiting client of ``listener`` as a bare non-blocking ``_socket.socket`` and its address, or None.
 
-    Raises ``BlockingIOError`` when nobody is waiting, ``InterruptedError`` on
-    a signal, and the ``OSError`` of accept(2) otherwise (EMFILE...).
+    None when nobody is waiting: that ends every accept loop, so it is a value,
+    not an exception (a raised ``BlockingIOError`` costs more than the accept).
+    Raises ``InterruptedError`` on a signal, and the ``OSError`` of accept(2)
+    otherwise (EMFILE...).
     """
     if _C is not None:
         return _C.accept(listener.fileno(), _SOCKET)
-    fd, address = listener._accept()
+    try:
+        fd, address = listener._accept()
+    except BlockingIOError:
+        return None
     try:
         client = _SOCKET(listener.family, _stdsocket.SOCK_STREAM, 0, fd)  # family given: no getsockopt
     except BaseException:
