@@ -70,12 +70,16 @@ def sighup_and_wait(proc: Process, timeout: float = 20.0) -> str:
 class LoopCounts:
     attempted: int = 0
     refused: int = 0
-    cut: int = 0
     wrong: int = 0
     sessions: int = 0
     requests: int = 0
     errors: list[str] = field(default_factory=list)
     cut_started: list[float] = field(default_factory=list)  # time.monotonic() when each cut session connected
+
+    @property
+    def cut(self) -> int:
+        """Sessions cut short (connected, then closed or reset before every answer)."""
+        return len(self.cut_started)
 
 
 class ClientLoop(threading.Thread):
@@ -119,12 +123,10 @@ class ClientLoop(threading.Thread):
                     reader = sock.makefile("rb")
                     got = [reader.readline() for _ in sent]
                 except OSError as exc:
-                    c.cut += 1
                     c.cut_started.append(started)
                     c.errors.append("session: %s (connected at %.6f)" % (exc, started))
                     continue
                 if any(not line.endswith(b"\n") for line in got):
-                    c.cut += 1
                     c.cut_started.append(started)
                     answers = sum(line.endswith(b"\n") for line in got)
                     c.errors.append("session cut after %d answers (connected at %.6f)" % (answers, started))
